@@ -42,6 +42,18 @@ format = "pretty"
 # "info,gantry_jobs=debug". The RUST_LOG syntax of tracing-subscriber's EnvFilter.
 level = "info"
 
+[jobs]
+# Run the jobs server (durable job execution, Reseolio's gRPC contract) in `gantry serve`.
+enabled = true
+# gRPC address of the jobs server.
+listen = "127.0.0.1:50051"
+# Where jobs are stored: a SQLite file (created if missing), or a postgres:// URL that several
+# gantry servers can share.
+database = "gantry-data/jobs.db"
+# SQLite commit durability: "full" fsyncs every commit (survives power loss); "normal" survives a
+# process crash but may lose the last commits on power loss. Ignored for PostgreSQL.
+sync = "full"
+
 [shutdown]
 # After SIGINT or SIGTERM, running components drain in order (last started, first stopped).
 # If the drain takes longer than this, the process exits anyway with status 1.
@@ -63,8 +75,46 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The jobs server.
+    pub jobs: JobsConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+}
+
+/// `[jobs]`: the durable job server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Whether `gantry serve` runs it.
+    pub enabled: bool,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// SQLite file path or `postgres://` URL.
+    pub database: String,
+    /// SQLite commit durability.
+    pub sync: SyncMode,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database: "gantry-data/jobs.db".to_owned(),
+            sync: SyncMode::Full,
+        }
+    }
+}
+
+/// How hard commits are pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync every commit.
+    #[default]
+    Full,
+    /// fsync at checkpoints; survives a process crash, not power loss.
+    Normal,
 }
 
 /// `[admin]`: the admin HTTP server.

@@ -16,10 +16,15 @@ const BUILD: BuildInfo = BuildInfo {
 };
 
 /// Exit codes shared by every command.
+mod jobs;
+mod jobs_cli;
+
 mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
     pub const USAGE: u8 = 2;
+    pub const CANNOT_CONNECT: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
 }
 
 /// Gantry: durable jobs, Elasticsearch-compatible search, a PostgreSQL change observer and device
@@ -59,8 +64,9 @@ enum Command {
     /// Checks or prints configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Durable job execution (not built yet).
-    Jobs(NotBuilt),
+    /// Durable job execution.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
     /// Elasticsearch-compatible search (not built yet).
     Search(NotBuilt),
     /// PostgreSQL change observer (not built yet).
@@ -80,6 +86,111 @@ enum ConfigCommand {
     },
     /// Prints the full documented default config file.
     Default,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Runs only the jobs server (gRPC, Reseolio's contract).
+    Serve {
+        /// gRPC listen address; overrides `[jobs] listen`.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// SQLite file or postgres:// URL; overrides `[jobs] database`.
+        #[arg(long, value_name = "PATH_OR_URL")]
+        db: Option<String>,
+    },
+    /// Enqueues one job.
+    Enqueue {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The job (handler) name.
+        name: String,
+        /// JSON arguments, usually an array.
+        #[arg(default_value = "[]")]
+        args: String,
+        /// Run no earlier than this long from now, e.g. `30s`.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        delay: Option<std::time::Duration>,
+        /// 0 (most urgent, default) to 9.
+        #[arg(long, default_value_t = 0)]
+        priority: u8,
+        /// Deduplicates per job name.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
+        /// Total attempts (default 3).
+        #[arg(long)]
+        max_attempts: Option<u32>,
+    },
+    /// Lists jobs, newest first.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only jobs in this status (repeatable): pending, running, success, dead, cancelled.
+        #[arg(long = "status", value_name = "STATUS", value_parser = jobs_cli::parse_status)]
+        statuses: Vec<gantry_jobs::proto::JobStatus>,
+        /// Only jobs with this name (repeatable).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Page size (at most 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Jobs to skip.
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+    },
+    /// Shows one job.
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The job id.
+        id: String,
+    },
+    /// Puts a DEAD job back to PENDING with fresh attempts.
+    Retry {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The job id.
+        id: String,
+    },
+    /// Cancels a pending job, or asks the worker of a running one to stop.
+    Cancel {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The job id.
+        id: String,
+    },
+    /// Job counts by status.
+    Stats {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Deletes finished jobs (success, dead, cancelled) completed longer ago than a duration.
+    Purge {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Age of the jobs to delete, e.g. `7d`, `12h`.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Only jobs in this finished status (repeatable).
+        #[arg(long = "status", value_name = "STATUS", value_parser = jobs_cli::parse_status)]
+        statuses: Vec<gantry_jobs::proto::JobStatus>,
+    },
+}
+
+/// How a CLI command reaches the jobs server.
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The jobs server (host:port or URL).
+    #[arg(
+        long,
+        env = "GANTRY_JOBS_SERVER",
+        default_value = "127.0.0.1:50051",
+        value_name = "ADDR"
+    )]
+    server: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -112,16 +223,101 @@ fn main() -> ExitCode {
         }
         Command::Config(ConfigCommand::Check { ref file }) => config_check(file),
         Command::Serve => match load_config(&cli) {
-            Ok(config) => run(serve(config)),
+            Ok(config) => run(serve(config, Systems::All)),
             Err(code) => code,
         },
-        Command::Jobs(_) => not_built("jobs"),
+        Command::Jobs(JobsCommand::Serve { ref listen, ref db }) => match load_config(&cli) {
+            Ok(mut config) => {
+                if let Some(listen) = listen {
+                    config.jobs.listen = *listen;
+                }
+                if let Some(db) = db {
+                    config.jobs.database = db.clone();
+                }
+                config.jobs.enabled = true;
+                run(serve(config, Systems::JobsOnly))
+            }
+            Err(code) => code,
+        },
+        Command::Jobs(command) => jobs_client(command),
         Command::Search(_) => not_built("search"),
         Command::Observer(_) => not_built("observer"),
         Command::Fleet(_) => not_built("fleet"),
         Command::Bench(_) => not_built("bench"),
     };
     ExitCode::from(code)
+}
+
+fn jobs_client(command: JobsCommand) -> u8 {
+    run(async move {
+        let result = async {
+            match command {
+                JobsCommand::Serve { .. } => Ok(()),
+                JobsCommand::Enqueue {
+                    client,
+                    name,
+                    args,
+                    delay,
+                    priority,
+                    idempotency_key,
+                    max_attempts,
+                } => {
+                    let channel = jobs_cli::connect(&client.server).await?;
+                    let request = jobs_cli::EnqueueArgs {
+                        name,
+                        args,
+                        delay,
+                        priority,
+                        idempotency_key,
+                        max_attempts,
+                    };
+                    jobs_cli::enqueue(channel, request, client.json).await
+                }
+                JobsCommand::List {
+                    client,
+                    statuses,
+                    names,
+                    limit,
+                    offset,
+                } => {
+                    let channel = jobs_cli::connect(&client.server).await?;
+                    jobs_cli::list(channel, statuses, names, limit, offset, client.json).await
+                }
+                JobsCommand::Show { client, id } => {
+                    let channel = jobs_cli::connect(&client.server).await?;
+                    jobs_cli::show(channel, id, client.json).await
+                }
+                JobsCommand::Retry { client, id } => {
+                    let channel = jobs_cli::connect(&client.server).await?;
+                    jobs_cli::retry_or_cancel(channel, id, false, client.json).await
+                }
+                JobsCommand::Cancel { client, id } => {
+                    let channel = jobs_cli::connect(&client.server).await?;
+                    jobs_cli::retry_or_cancel(channel, id, true, client.json).await
+                }
+                JobsCommand::Stats { client } => {
+                    let channel = jobs_cli::connect(&client.server).await?;
+                    jobs_cli::stats(channel, client.json).await
+                }
+                JobsCommand::Purge {
+                    client,
+                    older_than,
+                    statuses,
+                } => {
+                    let channel = jobs_cli::connect(&client.server).await?;
+                    jobs_cli::purge(channel, older_than, statuses, client.json).await
+                }
+            }
+        }
+        .await;
+        Ok(match result {
+            Ok(()) => exit::OK,
+            Err(f) => {
+                eprintln!("gantry jobs: {}", f.message);
+                f.code
+            }
+        })
+    })
 }
 
 fn not_built(system: &str) -> u8 {
@@ -182,7 +378,16 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> u8 {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<u8> {
+/// Which systems a serve command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Systems {
+    /// Every enabled system.
+    All,
+    /// The jobs server only.
+    JobsOnly,
+}
+
+async fn serve(config: Config, systems: Systems) -> anyhow::Result<u8> {
     telemetry::init_tracing(config.log.format, &config.log.level)?;
     let signals = Signals::new().context("cannot install signal handlers")?;
     let metrics = Metrics::new(BUILD)?;
@@ -194,8 +399,14 @@ async fn serve(config: Config) -> anyhow::Result<u8> {
         .with_context(|| format!("cannot bind the admin server to {}", config.admin.listen))?;
     let addr = listener.local_addr()?;
     let state = AdminState { metrics, readiness };
+    let registry = state.metrics.registry().clone();
+    let readiness = state.readiness.clone();
     supervisor.spawn("admin", |stop| admin::serve(listener, state, stop));
     tracing::info!(%addr, version = BUILD.version, commit = BUILD.commit, "admin server listening");
+
+    if config.jobs.enabled && matches!(systems, Systems::All | Systems::JobsOnly) {
+        jobs::start(&config.jobs, &registry, &readiness, &mut supervisor).await?;
+    }
 
     let report = supervisor
         .run(async {

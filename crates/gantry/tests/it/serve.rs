@@ -12,17 +12,38 @@ use nix::unistd::Pid;
 use crate::gantry;
 
 /// A running `gantry serve`, killed if the test ends without stopping it.
-struct Served {
-    child: Child,
-    admin: SocketAddr,
+pub struct Served {
+    pub child: Child,
+    pub admin: SocketAddr,
+    /// The jobs server's address, when it runs.
+    pub jobs: Option<SocketAddr>,
     /// The log lines, as they arrive.
     logs: mpsc::Receiver<String>,
 }
 
 impl Served {
     fn start(envs: &[(&str, &str)]) -> Self {
+        let dir = crate::temp_dir("serve");
+        let db = dir.join("jobs.db");
+        let mut all = vec![
+            ("GANTRY_JOBS_LISTEN", "127.0.0.1:0"),
+            ("GANTRY_JOBS_DATABASE", db.to_str().unwrap()),
+        ];
+        all.extend_from_slice(envs);
+        let jobs_off = envs.contains(&("GANTRY_JOBS_ENABLED", "false"));
+        let listening: &[&str] = if jobs_off {
+            &["admin server listening"]
+        } else {
+            &["admin server listening", "jobs server listening"]
+        };
+        Self::start_with(&["serve"], &all, listening)
+    }
+
+    /// Runs `gantry --log-format json ARGS` and waits for each of the `listening` log messages.
+    pub fn start_with(args: &[&str], envs: &[(&str, &str)], listening: &[&str]) -> Self {
         let mut cmd = gantry();
-        cmd.args(["--log-format", "json", "serve"])
+        cmd.args(["--log-format", "json"])
+            .args(args)
             .env("GANTRY_ADMIN_LISTEN", "127.0.0.1:0")
             .envs(envs.iter().copied())
             .stdout(Stdio::null())
@@ -39,26 +60,34 @@ impl Served {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let admin = loop {
+        let mut found = std::collections::HashMap::new();
+        while found.len() < listening.len() {
             let line = logs
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("gantry serve did not report its admin address");
+                .unwrap_or_else(|_| panic!("gantry did not report {listening:?}; got {found:?}"));
             let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            if event["message"] == "admin server listening" {
-                break event["addr"].as_str().unwrap().parse().unwrap();
+            let message = event["message"].as_str().unwrap_or_default().to_owned();
+            if listening.contains(&message.as_str()) {
+                let addr: SocketAddr = event["addr"].as_str().unwrap().parse().unwrap();
+                found.insert(message, addr);
             }
-        };
-        Self { child, admin, logs }
+        }
+        Self {
+            child,
+            admin: found["admin server listening"],
+            jobs: found.get("jobs server listening").copied(),
+            logs,
+        }
     }
 
-    fn signal(&self, signal: Signal) {
+    pub fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
 
     /// Waits up to `limit` for the process to exit; returns its exit code and how long it took.
-    fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+    pub fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -113,6 +142,8 @@ fn serve_answers_admin_endpoints_and_exits_0_on_sigterm() {
     assert_eq!(status, 200);
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(ready["ready"], true);
+    assert_eq!(ready["subsystems"]["jobs"]["ready"], true);
+    assert!(served.jobs.is_some());
 
     let (status, content_type, body) = get(served.admin, "/metrics");
     assert_eq!(status, 200);
@@ -123,6 +154,7 @@ fn serve_answers_admin_endpoints_and_exits_0_on_sigterm() {
         "process_open_fds",
         "process_start_time_seconds",
         "gantry_build_info",
+        "gantry_jobs_queue_depth",
     ] {
         assert!(body.contains(&format!("\n{name}")), "{name} missing");
     }
@@ -155,7 +187,10 @@ fn half_sent_request(addr: SocketAddr) -> std::net::TcpStream {
 
 #[test]
 fn drain_past_the_deadline_exits_1() {
-    let mut served = Served::start(&[("GANTRY_SHUTDOWN_DEADLINE", "500ms")]);
+    let mut served = Served::start(&[
+        ("GANTRY_SHUTDOWN_DEADLINE", "500ms"),
+        ("GANTRY_JOBS_ENABLED", "false"),
+    ]);
     let _stuck = half_sent_request(served.admin);
     served.signal(Signal::SIGTERM);
     let (code, _) = served.wait_exit(Duration::from_secs(10));
@@ -165,7 +200,10 @@ fn drain_past_the_deadline_exits_1() {
 
 #[test]
 fn second_signal_exits_at_once() {
-    let mut served = Served::start(&[("GANTRY_SHUTDOWN_DEADLINE", "10m")]);
+    let mut served = Served::start(&[
+        ("GANTRY_SHUTDOWN_DEADLINE", "10m"),
+        ("GANTRY_JOBS_ENABLED", "false"),
+    ]);
     let _stuck = half_sent_request(served.admin);
     served.signal(Signal::SIGTERM);
     // The drain is now waiting on the half-sent request, and would for ten minutes.
@@ -186,6 +224,7 @@ fn serve_fails_clearly_when_the_admin_port_is_taken() {
     let out = gantry()
         .arg("serve")
         .env("GANTRY_ADMIN_LISTEN", &addr)
+        .env("GANTRY_JOBS_ENABLED", "false")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -1,0 +1,860 @@
+//! The Reseolio gRPC service over the [`Engine`]: wire ↔ domain conversion, input validation and
+//! the one mapping from engine errors to gRPC status codes.
+//!
+//! **Boundary:** everything a client sends is checked here — names, payload sizes, options,
+//! negative delays — and refused with `INVALID_ARGUMENT` naming the field, before the engine sees
+//! it. Store failures become `INTERNAL` with a generic message; the detail goes to the log.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::time::Duration;
+
+use gantry_runtime::retry::RetryPolicy;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::dispatch::ToWorker;
+use crate::engine::{Completion, Engine};
+use crate::model::{
+    self, Ack, DEFAULT_QUEUE, DEFAULT_TIMEOUT, Job, JobOptions, MAX_PRIORITY, NewJob, Outcome,
+    limits, now_millis,
+};
+use crate::proto;
+use crate::proto::gantry::jobs::v1;
+use crate::proto::reseolio_server::Reseolio;
+use crate::store::{JobError, ListFilter, ListOrder, Store, StoreError};
+
+/// Default worker concurrency when a worker sends 0 (the SDK's default).
+const DEFAULT_CONCURRENCY: usize = 10;
+/// Most jobs one worker stream may hold at once.
+const MAX_CONCURRENCY: usize = 10_000;
+/// Default and largest page of `ListJobs`.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1_000;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The `reseolio.Reseolio` service.
+pub struct ReseolioService<S> {
+    engine: Engine<S>,
+    stop: CancellationToken,
+}
+
+impl<S: Store> ReseolioService<S> {
+    /// Serves `engine`; streams end with `UNAVAILABLE` when `stop` is cancelled, so clients
+    /// reconnect to the next server instead of treating it as a normal end.
+    pub fn new(engine: Engine<S>, stop: CancellationToken) -> Self {
+        Self { engine, stop }
+    }
+}
+
+/// The one mapping from store failures to gRPC.
+pub(crate) fn store_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "job store failure");
+    Status::internal("job store failure; see the server log")
+}
+
+/// The one mapping from per-job refusals to gRPC.
+pub(crate) fn job_status(e: JobError) -> Status {
+    match e {
+        JobError::NotFound(id) => Status::not_found(format!("job {id} not found")),
+        JobError::Rejected(r) => Status::failed_precondition(r.to_string()),
+    }
+}
+
+fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {problem}"))
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), Status> {
+    if name.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if name.len() > limits::NAME_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "is {} bytes, the limit is {}",
+                name.len(),
+                limits::NAME_BYTES
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_json(field: &str, bytes: &[u8]) -> Result<(), Status> {
+    if bytes.len() > limits::PAYLOAD_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "is {} bytes, the limit is {}",
+                bytes.len(),
+                limits::PAYLOAD_BYTES
+            ),
+        ));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map(|_| ())
+        .map_err(|e| invalid(field, format!("is not valid JSON: {e}")))
+}
+
+fn ms(field: &str, value: i32, default: Duration) -> Result<Duration, Status> {
+    match value {
+        0 => Ok(default),
+        v if v < 0 => Err(invalid(field, format!("must not be negative, got {v}"))),
+        v => Ok(Duration::from_millis(u64::from(v.unsigned_abs()))),
+    }
+}
+
+/// Reseolio job options (0 / "" = default) into checked [`JobOptions`].
+pub(crate) fn options_from_wire(o: Option<proto::JobOptions>) -> Result<JobOptions, Status> {
+    let Some(o) = o else {
+        return Ok(JobOptions::default());
+    };
+    let d = RetryPolicy::default();
+    let max_attempts = match o.max_attempts {
+        0 => d.max_attempts(),
+        n if n < 0 => {
+            return Err(invalid(
+                "options.max_attempts",
+                format!("must be positive, got {n}"),
+            ));
+        }
+        n if n.unsigned_abs() > limits::MAX_ATTEMPTS => {
+            return Err(invalid(
+                "options.max_attempts",
+                format!("must be at most {}, got {n}", limits::MAX_ATTEMPTS),
+            ));
+        }
+        n => n.unsigned_abs(),
+    };
+    let backoff = match o.backoff.as_str() {
+        "" => d.backoff(),
+        name => model::parse_backoff(name).ok_or_else(|| {
+            invalid(
+                "options.backoff",
+                format!("unknown backoff `{name}`, expected fixed, linear or exponential"),
+            )
+        })?,
+    };
+    let jitter = match o.jitter {
+        0.0 => d.jitter(),
+        j if !(0.0..=1.0).contains(&j) => {
+            return Err(invalid(
+                "options.jitter",
+                format!("must be between 0 and 1, got {j}"),
+            ));
+        }
+        j => f64::from(j),
+    };
+    let retry = RetryPolicy::builder()
+        .max_attempts(max_attempts)
+        .backoff(backoff)
+        .initial_delay(ms(
+            "options.initial_delay_ms",
+            o.initial_delay_ms,
+            d.initial_delay(),
+        )?)
+        .max_delay(ms("options.max_delay_ms", o.max_delay_ms, d.max_delay())?)
+        .jitter(jitter)
+        .build()
+        .map_err(|e| invalid("options", e))?;
+    Ok(JobOptions {
+        retry,
+        timeout: ms("options.timeout_ms", o.timeout_ms, DEFAULT_TIMEOUT)?,
+    })
+}
+
+fn options_to_wire(o: &JobOptions) -> proto::JobOptions {
+    let clamp = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+    proto::JobOptions {
+        max_attempts: i32::try_from(o.retry.max_attempts()).unwrap_or(i32::MAX),
+        backoff: model::backoff_name(o.retry.backoff()).to_owned(),
+        initial_delay_ms: clamp(o.retry.initial_delay()),
+        max_delay_ms: clamp(o.retry.max_delay()),
+        timeout_ms: clamp(o.timeout),
+        jitter: o.retry.jitter() as f32,
+    }
+}
+
+/// A checked `EnqueueRequest`.
+pub(crate) fn new_job_from_wire(r: proto::EnqueueRequest) -> Result<NewJob, Status> {
+    check_name("name", &r.name)?;
+    let args = if r.args.is_empty() {
+        b"[]".to_vec()
+    } else {
+        r.args
+    };
+    check_json("args", &args)?;
+    if r.idempotency_key.len() > limits::IDEMPOTENCY_KEY_BYTES {
+        return Err(invalid(
+            "idempotency_key",
+            format!(
+                "is {} bytes, the limit is {}",
+                r.idempotency_key.len(),
+                limits::IDEMPOTENCY_KEY_BYTES
+            ),
+        ));
+    }
+    let now = now_millis();
+    let run_at = match (r.run_at_ms, r.delay_ms) {
+        (0, 0) => now,
+        (at, 0) if at > 0 => at,
+        (0, d) if d > 0 => now.saturating_add(d),
+        (at, d) if at < 0 || d < 0 => {
+            return Err(invalid("run_at_ms/delay_ms", "must not be negative"));
+        }
+        _ => {
+            return Err(invalid(
+                "run_at_ms/delay_ms",
+                "give one or the other, not both",
+            ));
+        }
+    };
+    let priority = u8::try_from(r.priority)
+        .ok()
+        .filter(|p| *p <= MAX_PRIORITY)
+        .ok_or_else(|| {
+            invalid(
+                "priority",
+                format!("must be 0 to {MAX_PRIORITY}, got {}", r.priority),
+            )
+        })?;
+    let queue = if r.queue.is_empty() {
+        DEFAULT_QUEUE.to_owned()
+    } else {
+        check_name("queue", &r.queue)?;
+        r.queue
+    };
+    Ok(NewJob {
+        name: r.name,
+        queue,
+        priority,
+        args,
+        options: options_from_wire(r.options)?,
+        idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
+        run_at,
+    })
+}
+
+/// A domain job as the wire shows it.
+pub(crate) fn job_to_wire(j: Job) -> proto::Job {
+    let options = options_to_wire(&j.options);
+    proto::Job {
+        deadline_ms: j.lease_until.unwrap_or(0),
+        status: status_to_wire(j.status) as i32,
+        error: j.error.unwrap_or_default(),
+        result: j.result.unwrap_or_default(),
+        created_at: j.created_at,
+        scheduled_at: j.run_at,
+        started_at: j.started_at.unwrap_or(0),
+        completed_at: j.completed_at.unwrap_or(0),
+        max_attempts: options.max_attempts,
+        attempt: i32::try_from(j.attempt).unwrap_or(i32::MAX),
+        priority: i32::from(j.priority),
+        queue: j.queue,
+        cancel_requested: j.cancel_requested,
+        idempotency_key: j.idempotency_key.unwrap_or_default(),
+        id: j.id,
+        name: j.name,
+        args: j.args,
+    }
+}
+
+pub(crate) fn status_to_wire(s: model::Status) -> proto::JobStatus {
+    match s {
+        model::Status::Pending => proto::JobStatus::Pending,
+        model::Status::Running => proto::JobStatus::Running,
+        model::Status::Success => proto::JobStatus::Success,
+        model::Status::Dead => proto::JobStatus::Dead,
+        model::Status::Cancelled => proto::JobStatus::Cancelled,
+    }
+}
+
+fn completion_to_wire(c: Completion) -> proto::JobCompletion {
+    proto::JobCompletion {
+        job_id: c.job_id,
+        status: status_to_wire(c.status) as i32,
+        result: c.result.unwrap_or_default(),
+        error: c.error.unwrap_or_default(),
+    }
+}
+
+fn registration(r: &proto::PollRequest) -> Result<(Vec<String>, usize), Status> {
+    for name in &r.names {
+        check_name("names[]", name)?;
+    }
+    let concurrency = match r.concurrency {
+        0 => DEFAULT_CONCURRENCY,
+        n if n < 0 => return Err(invalid("concurrency", format!("must be positive, got {n}"))),
+        n => usize::try_from(n)
+            .unwrap_or(MAX_CONCURRENCY)
+            .min(MAX_CONCURRENCY),
+    };
+    Ok((r.names.clone(), concurrency))
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down; reconnect")
+}
+
+#[tonic::async_trait]
+impl<S: Store> Reseolio for ReseolioService<S> {
+    async fn enqueue_job(
+        &self,
+        request: Request<proto::EnqueueRequest>,
+    ) -> Result<Response<proto::EnqueueResponse>, Status> {
+        let job = new_job_from_wire(request.into_inner())?;
+        let mut out = self.engine.enqueue(vec![job]).await.map_err(store_status)?;
+        let e = out
+            .pop()
+            .ok_or_else(|| Status::internal("enqueue returned nothing"))?;
+        Ok(Response::new(proto::EnqueueResponse {
+            job_id: e.id,
+            deduplicated: e.deduplicated,
+        }))
+    }
+
+    type PollJobsStream = BoxStream<proto::Job>;
+
+    async fn poll_jobs(
+        &self,
+        request: Request<Streaming<proto::PollRequest>>,
+    ) -> Result<Response<Self::PollJobsStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| invalid("PollJobs", "the stream closed before the first PollRequest"))?;
+        let (names, concurrency) = registration(&first)?;
+        let worker_id = first.worker_id.clone();
+        let (conn, mut jobs) = self
+            .engine
+            .connect_worker(worker_id.clone(), names, concurrency);
+        tracing::info!(worker_id = %worker_id, conn, concurrency, "worker connected");
+
+        let (tx, rx) = mpsc::channel::<Result<proto::Job, Status>>(concurrency.max(1));
+        let engine = self.engine.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        break;
+                    }
+                    msg = inbound.message() => match msg {
+                        Ok(Some(update)) => match registration(&update) {
+                            Ok((names, concurrency)) => engine.update_worker(conn, names, concurrency),
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
+                        },
+                        // The worker closed its side or the connection dropped.
+                        Ok(None) | Err(_) => break,
+                    },
+                    next = jobs.recv() => match next {
+                        Some(ToWorker::Job(job)) => {
+                            if tx.send(Ok(job_to_wire(*job))).await.is_err() {
+                                break;
+                            }
+                        }
+                        // Reseolio's stream has no message for a cancel; the worker learns of it
+                        // when it acks (a failure ack ends the job CANCELLED).
+                        Some(ToWorker::Cancel { .. }) => {}
+                        None => break,
+                    },
+                    () = tx.closed() => break,
+                }
+            }
+            engine.disconnect_worker(conn).await;
+            tracing::info!(worker_id = %worker_id, conn, "worker disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack_job(
+        &self,
+        request: Request<proto::AckRequest>,
+    ) -> Result<Response<proto::AckResponse>, Status> {
+        let r = request.into_inner();
+        let result = r.result.ok_or_else(|| invalid("result", "is required"))?;
+        let outcome = if result.success {
+            let value = if result.return_value.is_empty() {
+                b"null".to_vec()
+            } else {
+                result.return_value
+            };
+            if value.len() > limits::PAYLOAD_BYTES {
+                return Err(invalid(
+                    "result.return_value",
+                    format!(
+                        "is {} bytes, the limit is {}",
+                        value.len(),
+                        limits::PAYLOAD_BYTES
+                    ),
+                ));
+            }
+            Outcome::Success(value)
+        } else {
+            let mut error = result.error;
+            if error.len() > limits::ERROR_BYTES {
+                let mut cut = limits::ERROR_BYTES;
+                while !error.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                error.truncate(cut);
+            }
+            Outcome::Failure {
+                error,
+                retry: result.should_retry,
+            }
+        };
+        let attempt = match r.attempt {
+            0 => None,
+            n if n < 0 => return Err(invalid("attempt", format!("must be positive, got {n}"))),
+            n => Some(n.unsigned_abs()),
+        };
+        let ack = Ack {
+            job_id: r.job_id,
+            attempt,
+            outcome,
+        };
+        let mut out = self.engine.ack(vec![ack]).await.map_err(store_status)?;
+        let result = out
+            .pop()
+            .ok_or_else(|| Status::internal("ack returned nothing"))?;
+        let (job, effect) = result.map_err(job_status)?;
+        Ok(Response::new(proto::AckResponse {
+            new_status: status_to_wire(effect.status) as i32,
+            next_attempt: if effect.status == model::Status::Pending {
+                i32::try_from(job.attempt.saturating_add(1)).unwrap_or(i32::MAX)
+            } else {
+                0
+            },
+            next_run_at: effect.next_run_at.unwrap_or(0),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<proto::GetJobRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let id = request.into_inner().job_id;
+        match self.engine.get(id.clone()).await.map_err(store_status)? {
+            Some(job) => Ok(Response::new(job_to_wire(job))),
+            None => Err(job_status(JobError::NotFound(id))),
+        }
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<proto::CancelRequest>,
+    ) -> Result<Response<proto::CancelResponse>, Status> {
+        let id = request.into_inner().job_id;
+        let (success, message) = match self.engine.cancel(id.clone()).await.map_err(store_status)? {
+            Ok((_, crate::machine::CancelEffect::Cancelled)) => {
+                (true, format!("job {id} cancelled"))
+            }
+            Ok((_, crate::machine::CancelEffect::Requested)) => (
+                true,
+                format!("job {id} is running; cancellation requested from its worker"),
+            ),
+            Ok((_, crate::machine::CancelEffect::AlreadyFinished(s))) => {
+                (false, format!("job {id} is already {s}"))
+            }
+            Err(e) => (false, e.to_string()),
+        };
+        Ok(Response::new(proto::CancelResponse { success, message }))
+    }
+
+    async fn retry_job(
+        &self,
+        request: Request<proto::RetryRequest>,
+    ) -> Result<Response<proto::RetryResponse>, Status> {
+        let id = request.into_inner().job_id;
+        let (success, message) = match self.engine.retry(id.clone()).await.map_err(store_status)? {
+            Ok(_) => (true, format!("job {id} is pending again")),
+            Err(e) => (false, e.to_string()),
+        };
+        Ok(Response::new(proto::RetryResponse { success, message }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<proto::ListJobsRequest>,
+    ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        let r = request.into_inner();
+        let mut statuses = Vec::new();
+        for code in &r.statuses {
+            match proto::JobStatus::try_from(*code) {
+                Ok(proto::JobStatus::Unspecified | proto::JobStatus::Failed) => {}
+                Ok(_) => statuses.extend(model::Status::from_code(*code)),
+                Err(_) => return Err(invalid("statuses", format!("unknown status {code}"))),
+            }
+        }
+        // Asked only for statuses Gantry never produces (FAILED): nothing matches.
+        if statuses.is_empty() && !r.statuses.is_empty() && r.statuses.iter().any(|c| *c != 0) {
+            return Ok(Response::new(proto::ListJobsResponse {
+                jobs: vec![],
+                total: 0,
+            }));
+        }
+        let limit = match r.limit {
+            0 => DEFAULT_PAGE,
+            n if n < 0 => return Err(invalid("limit", format!("must not be negative, got {n}"))),
+            n => usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
+        };
+        let offset = usize::try_from(r.offset)
+            .map_err(|_| invalid("offset", format!("must not be negative, got {}", r.offset)))?;
+        let order_by = match r.order_by.as_str() {
+            "" | "created_at" => ListOrder::CreatedAt,
+            "scheduled_at" | "run_at" => ListOrder::RunAt,
+            other => {
+                return Err(invalid(
+                    "order_by",
+                    format!("unknown column `{other}`, expected created_at or scheduled_at"),
+                ));
+            }
+        };
+        let (jobs, total) = self
+            .engine
+            .list(ListFilter {
+                statuses,
+                names: r.names,
+                limit,
+                offset,
+                order_by,
+                ascending: r.ascending,
+            })
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::ListJobsResponse {
+            jobs: jobs.into_iter().map(job_to_wire).collect(),
+            total: i32::try_from(total).unwrap_or(i32::MAX),
+        }))
+    }
+
+    type SubscribeToJobsStream = BoxStream<proto::JobCompletion>;
+
+    async fn subscribe_to_jobs(
+        &self,
+        request: Request<Streaming<proto::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeToJobsStream>, Status> {
+        let mut inbound = request.into_inner();
+        // Subscribe before reading any id, so no completion can fall between a check and the wait.
+        let mut events = self.engine.subscribe();
+        let (tx, rx) = mpsc::channel::<Result<proto::JobCompletion, Status>>(256);
+        let engine = self.engine.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut watched: HashSet<String> = HashSet::new();
+            let mut inbound_open = true;
+            loop {
+                if !inbound_open && watched.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        break;
+                    }
+                    () = tx.closed() => break,
+                    msg = inbound.message(), if inbound_open => match msg {
+                        Ok(Some(req)) if req.unsubscribe => {
+                            for id in &req.job_ids {
+                                watched.remove(id);
+                            }
+                        }
+                        Ok(Some(req)) => {
+                            if req.job_ids.len() > limits::BATCH {
+                                let _ = tx.send(Err(invalid("job_ids", format!("at most {} per message", limits::BATCH)))).await;
+                                break;
+                            }
+                            watched.extend(req.job_ids.iter().cloned());
+                            if !send_finished(&engine, &mut watched, req.job_ids, &tx).await {
+                                break;
+                            }
+                        }
+                        Ok(None) | Err(_) => inbound_open = false,
+                    },
+                    event = events.recv() => match event {
+                        Ok(c) => {
+                            if watched.remove(&c.job_id) && tx.send(Ok(completion_to_wire(c))).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "completion subscriber lagged; re-reading its jobs");
+                            let ids: Vec<String> = watched.iter().cloned().collect();
+                            if !send_finished(&engine, &mut watched, ids, &tx).await {
+                                break;
+                            }
+                        }
+                        Err(RecvError::Closed) => break,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn create_schedule(
+        &self,
+        _request: Request<proto::CreateScheduleRequest>,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        Err(schedules_unimplemented())
+    }
+
+    async fn get_schedule(
+        &self,
+        _request: Request<proto::GetScheduleRequest>,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        Err(schedules_unimplemented())
+    }
+
+    async fn list_schedules(
+        &self,
+        _request: Request<proto::ListSchedulesRequest>,
+    ) -> Result<Response<proto::ListSchedulesResponse>, Status> {
+        Err(schedules_unimplemented())
+    }
+
+    async fn update_schedule(
+        &self,
+        _request: Request<proto::UpdateScheduleRequest>,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        Err(schedules_unimplemented())
+    }
+
+    async fn pause_schedule(
+        &self,
+        _request: Request<proto::PauseScheduleRequest>,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        Err(schedules_unimplemented())
+    }
+
+    async fn resume_schedule(
+        &self,
+        _request: Request<proto::ResumeScheduleRequest>,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        Err(schedules_unimplemented())
+    }
+
+    async fn delete_schedule(
+        &self,
+        _request: Request<proto::DeleteScheduleRequest>,
+    ) -> Result<Response<proto::DeleteScheduleResponse>, Status> {
+        Err(schedules_unimplemented())
+    }
+}
+
+fn schedules_unimplemented() -> Status {
+    Status::unimplemented("cron schedules are not available in this gantry version")
+}
+
+/// Sends a completion for each of `ids` that is already terminal (or unknown: NOT_FOUND ends
+/// nothing, the id is just dropped) and stops watching it. False when the client is gone.
+async fn send_finished<S: Store>(
+    engine: &Engine<S>,
+    watched: &mut HashSet<String>,
+    ids: Vec<String>,
+    tx: &mpsc::Sender<Result<proto::JobCompletion, Status>>,
+) -> bool {
+    for id in ids {
+        match engine.get(id.clone()).await {
+            Ok(Some(job)) if job.status.is_terminal() => {
+                if !watched.remove(&id) {
+                    continue;
+                }
+                let c = Completion {
+                    job_id: job.id,
+                    status: job.status,
+                    result: job.result,
+                    error: job.error,
+                };
+                if tx.send(Ok(completion_to_wire(c))).await.is_err() {
+                    return false;
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                watched.remove(&id);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(store_status(e))).await;
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The `gantry.jobs.v1.Jobs` service: batch enqueue, heartbeats, stats and purge.
+pub struct GantryJobsService<S> {
+    engine: Engine<S>,
+}
+
+impl<S: Store> GantryJobsService<S> {
+    /// Serves `engine`.
+    pub fn new(engine: Engine<S>) -> Self {
+        Self { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
+    async fn enqueue_batch(
+        &self,
+        request: Request<v1::EnqueueBatchRequest>,
+    ) -> Result<Response<v1::EnqueueBatchResponse>, Status> {
+        let jobs = request.into_inner().jobs;
+        if jobs.len() > limits::BATCH {
+            return Err(invalid(
+                "jobs",
+                format!(
+                    "{} jobs in one batch, the limit is {}",
+                    jobs.len(),
+                    limits::BATCH
+                ),
+            ));
+        }
+        let jobs = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                new_job_from_wire(r)
+                    .map_err(|s| Status::invalid_argument(format!("jobs[{i}].{}", s.message())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let results = self.engine.enqueue(jobs).await.map_err(store_status)?;
+        Ok(Response::new(v1::EnqueueBatchResponse {
+            results: results
+                .into_iter()
+                .map(|e| proto::EnqueueResponse {
+                    job_id: e.id,
+                    deduplicated: e.deduplicated,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        if r.beats.len() > limits::BATCH {
+            return Err(invalid(
+                "beats",
+                format!("at most {} per call", limits::BATCH),
+            ));
+        }
+        let extend = match r.extend_ms {
+            0 => None,
+            n if n < 0 => {
+                return Err(invalid(
+                    "extend_ms",
+                    format!("must not be negative, got {n}"),
+                ));
+            }
+            n => Some(Duration::from_millis(n.unsigned_abs())),
+        };
+        let mut beats = Vec::with_capacity(r.beats.len());
+        for (i, b) in r.beats.iter().enumerate() {
+            let attempt = match b.attempt {
+                0 => None,
+                n if n < 0 => {
+                    return Err(invalid(
+                        &format!("beats[{i}].attempt"),
+                        format!("must be positive, got {n}"),
+                    ));
+                }
+                n => Some(n.unsigned_abs()),
+            };
+            beats.push((b.job_id.clone(), attempt));
+        }
+        let ids: Vec<String> = beats.iter().map(|(id, _)| id.clone()).collect();
+        let out = self
+            .engine
+            .heartbeat(beats, extend)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(v1::HeartbeatResponse {
+            results: ids
+                .into_iter()
+                .zip(out)
+                .map(|(job_id, r)| match r {
+                    Ok(until) => v1::BeatResult {
+                        job_id,
+                        ok: true,
+                        lease_until: until,
+                        error: String::new(),
+                    },
+                    Err(e) => v1::BeatResult {
+                        job_id,
+                        ok: false,
+                        lease_until: 0,
+                        error: e.to_string(),
+                    },
+                })
+                .collect(),
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<v1::StatsRequest>,
+    ) -> Result<Response<v1::StatsResponse>, Status> {
+        let stats = self.engine.stats().await.map_err(store_status)?;
+        Ok(Response::new(v1::StatsResponse {
+            counts: stats
+                .by_status
+                .into_iter()
+                .map(|(s, n)| v1::StatusCount {
+                    status: status_to_wire(s) as i32,
+                    count: i64::try_from(n).unwrap_or(i64::MAX),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn purge(
+        &self,
+        request: Request<v1::PurgeRequest>,
+    ) -> Result<Response<v1::PurgeResponse>, Status> {
+        let r = request.into_inner();
+        if r.completed_before <= 0 {
+            return Err(invalid(
+                "completed_before",
+                "is required (epoch milliseconds)",
+            ));
+        }
+        let mut statuses = Vec::new();
+        for code in &r.statuses {
+            match model::Status::from_code(*code) {
+                Some(s) if s.is_terminal() => statuses.push(s),
+                _ => {
+                    return Err(invalid(
+                        "statuses",
+                        format!("{code} is not a finished status (SUCCESS, DEAD or CANCELLED)"),
+                    ));
+                }
+            }
+        }
+        let deleted = self
+            .engine
+            .purge(r.completed_before, statuses)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(v1::PurgeResponse {
+            deleted: i64::try_from(deleted).unwrap_or(i64::MAX),
+        }))
+    }
+}

@@ -1,0 +1,896 @@
+//! The embedded SQLite store: WAL, one writer thread with group commit, separate readers.
+//!
+//! Every write is a command sent to the writer thread over a bounded channel. The writer takes
+//! whatever commands are waiting (up to [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE`
+//! transaction — each inside its own savepoint, so one failing command does not undo the others —
+//! commits once, and only then answers them. Under load, one fsync covers hundreds of writes;
+//! when idle, a single write commits at once. Reads (`get`, `list`, `stats`, `next_wakeup`) use a
+//! small pool of read connections on the blocking thread pool and never wait for the writer.
+//!
+//! Durability: `synchronous = FULL` by default (a commit survives power loss); `NORMAL` survives
+//! a process crash but may lose the last commits on power loss.
+//!
+//! **Invariant:** a command's reply is sent only after the transaction holding it committed.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use gantry_runtime::retry::RetryPolicy;
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Row, Transaction, params, params_from_iter,
+};
+use tokio::sync::oneshot;
+
+use super::{
+    AckResults, ClaimRequest, Enqueued, JobError, ListFilter, ListOrder, Stats, Store, StoreError,
+};
+use crate::machine::{self, AckEffect, CancelEffect};
+use crate::model::{
+    Ack, Job, JobOptions, MAX_PRIORITY, Millis, NewJob, Status, backoff_name, parse_backoff,
+};
+
+/// Most commands committed in one transaction.
+pub const MAX_BATCH: usize = 512;
+/// Commands that may wait for the writer before senders feel backpressure.
+const QUEUE: usize = 4096;
+/// Read connections.
+const READERS: usize = 4;
+
+/// How hard commits are pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sync {
+    /// fsync at every commit: survives power loss.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a process crash, not power loss.
+    Normal,
+}
+
+/// Options of a [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The database file (created if missing).
+    pub path: PathBuf,
+    /// Commit durability.
+    pub sync: Sync,
+}
+
+impl SqliteOptions {
+    /// Defaults for the database at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            sync: Sync::Full,
+        }
+    }
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Command {
+    Enqueue(Vec<NewJob>, Millis, Reply<Vec<Enqueued>>),
+    Claim(Vec<ClaimRequest>, Millis, Reply<Vec<Vec<Job>>>),
+    Ack(Vec<Ack>, Millis, Reply<AckResults>),
+    Abandon(
+        Vec<(String, u32)>,
+        String,
+        Millis,
+        Reply<Vec<(Job, AckEffect)>>,
+    ),
+    Expire(Millis, Reply<Vec<(Job, AckEffect)>>),
+    Heartbeat(
+        Vec<(String, Option<u32>)>,
+        Option<Duration>,
+        Millis,
+        Reply<Vec<Result<Millis, JobError>>>,
+    ),
+    Cancel(String, Millis, Reply<Result<(Job, CancelEffect), JobError>>),
+    Retry(String, Millis, Reply<Result<Job, JobError>>),
+    Purge(Millis, Vec<Status>, Reply<u64>),
+}
+
+/// The SQLite job store. Cloning shares it.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SyncSender<Command>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: Arc<PathBuf>,
+}
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE jobs (
+    seq              INTEGER PRIMARY KEY,
+    id               TEXT    NOT NULL UNIQUE,
+    name             TEXT    NOT NULL,
+    queue            TEXT    NOT NULL,
+    priority         INTEGER NOT NULL,
+    args             BLOB    NOT NULL,
+    max_attempts     INTEGER NOT NULL,
+    backoff          TEXT    NOT NULL,
+    initial_delay_ms INTEGER NOT NULL,
+    max_delay_ms     INTEGER NOT NULL,
+    multiplier       REAL    NOT NULL,
+    jitter           REAL    NOT NULL,
+    timeout_ms       INTEGER NOT NULL,
+    idempotency_key  TEXT,
+    status           INTEGER NOT NULL,
+    attempt          INTEGER NOT NULL,
+    error            TEXT,
+    result           BLOB,
+    created_at       INTEGER NOT NULL,
+    run_at           INTEGER NOT NULL,
+    started_at       INTEGER,
+    completed_at     INTEGER,
+    lease_until      INTEGER,
+    worker_id        TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX jobs_idempotency ON jobs (name, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_due_by_name ON jobs (name, priority, run_at, seq) WHERE status = 1;
+CREATE INDEX jobs_due ON jobs (priority, run_at, seq) WHERE status = 1;
+CREATE INDEX jobs_leases ON jobs (lease_until) WHERE status = 2;
+CREATE INDEX jobs_created ON jobs (created_at);
+CREATE INDEX jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
+CREATE INDEX jobs_status_name ON jobs (status, name);
+"#];
+
+const COLUMNS: &str = "id, name, queue, priority, args, max_attempts, backoff, initial_delay_ms, \
+    max_delay_ms, multiplier, jitter, timeout_ms, idempotency_key, status, attempt, error, result, \
+    created_at, run_at, started_at, completed_at, lease_until, worker_id, cancel_requested";
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database and starts the writer thread.
+    pub fn open(options: SqliteOptions) -> Result<Self, StoreError> {
+        if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Database(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let mut writer = open_connection(&options.path, false)?;
+        let sync = match options.sync {
+            Sync::Full => "FULL",
+            Sync::Normal => "NORMAL",
+        };
+        writer
+            .execute_batch(&format!(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};"
+            ))
+            .map_err(db_err)?;
+        migrate(&mut writer)?;
+        let readers = (0..READERS)
+            .map(|_| open_connection(&options.path, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("jobs-sqlite-writer".into())
+            .spawn(move || writer_loop(writer, rx))
+            .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            writer: tx,
+            readers: Arc::new(Mutex::new(readers)),
+            path: Arc::new(options.path),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let writer = self.writer.clone();
+        let command = make(tx);
+        // A full queue blocks the sender: do that off the async runtime.
+        match writer.try_send(command) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(command)) => {
+                tokio::task::spawn_blocking(move || writer.send(command))
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+                    .map_err(|_| StoreError::Closed)?;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(StoreError::Closed),
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        let path = Arc::clone(&self.path);
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => open_connection(&path, true)?,
+            };
+            let result = f(&conn);
+            let mut pool = readers.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < READERS {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db_err)?;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Database(format!(
+            "database schema version {version} is newer than this gantry ({}); upgrade gantry",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", i + 1)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// A reply waiting for its transaction to commit.
+type Pending = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+
+fn writer_loop(mut conn: Connection, rx: Receiver<Command>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Blocks for the first command; ends when every sender is gone.
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        let commit = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db_err)
+            .and_then(|mut tx| {
+                for command in batch.drain(..) {
+                    pending.push(run_command(&mut tx, command));
+                }
+                tx.commit().map_err(db_err)
+            });
+        // Commands not yet run (the transaction failed to begin) are dropped: their senders see
+        // a closed reply channel, which maps to StoreError::Closed... so answer them instead.
+        for command in batch.drain(..) {
+            pending.push(fail_command(command));
+        }
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "job store commit failed");
+        }
+        for reply in pending {
+            reply(commit.as_ref().map(|_| ()));
+        }
+    }
+}
+
+fn fail_command(command: Command) -> Pending {
+    fn fail<T: Send + 'static>(tx: Reply<T>) -> Pending {
+        Box::new(move |r: Result<(), &StoreError>| {
+            let e = r
+                .err()
+                .map(|e| StoreError::Database(e.to_string()))
+                .unwrap_or_else(|| StoreError::Database("transaction did not begin".into()));
+            let _ = tx.send(Err(e));
+        })
+    }
+    match command {
+        Command::Enqueue(_, _, tx) => fail(tx),
+        Command::Claim(_, _, tx) => fail(tx),
+        Command::Ack(_, _, tx) => fail(tx),
+        Command::Abandon(_, _, _, tx) => fail(tx),
+        Command::Expire(_, tx) => fail(tx),
+        Command::Heartbeat(_, _, _, tx) => fail(tx),
+        Command::Cancel(_, _, tx) => fail(tx),
+        Command::Retry(_, _, tx) => fail(tx),
+        Command::Purge(_, _, tx) => fail(tx),
+    }
+}
+
+/// Runs one command in its own savepoint and returns how to answer it once the commit is known.
+fn run_command(tx: &mut Transaction<'_>, command: Command) -> Pending {
+    fn answer<T: Send + 'static>(
+        tx: &mut Transaction<'_>,
+        reply: Reply<T>,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Pending {
+        let result = match tx.savepoint() {
+            Ok(sp) => match f(&sp) {
+                Ok(v) => sp.commit().map_err(db_err).map(|()| v),
+                // Dropping the savepoint rolls back this command only.
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(db_err(e)),
+        };
+        Box::new(move |commit: Result<(), &StoreError>| {
+            let result = match (result, commit) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(StoreError::Database(format!("commit failed: {e}"))),
+            };
+            let _ = reply.send(result);
+        })
+    }
+    match command {
+        Command::Enqueue(jobs, now, reply) => answer(tx, reply, |t| enqueue(t, jobs, now)),
+        Command::Claim(reqs, now, reply) => answer(tx, reply, |t| claim(t, &reqs, now)),
+        Command::Ack(acks, now, reply) => answer(tx, reply, |t| ack(t, acks, now)),
+        Command::Abandon(attempts, reason, now, reply) => {
+            answer(tx, reply, |t| abandon(t, attempts, &reason, now))
+        }
+        Command::Expire(now, reply) => answer(tx, reply, |t| expire(t, now)),
+        Command::Heartbeat(beats, extend, now, reply) => {
+            answer(tx, reply, |t| heartbeat(t, beats, extend, now))
+        }
+        Command::Cancel(id, now, reply) => answer(tx, reply, |t| {
+            Ok(match load(t, &id)? {
+                None => Err(JobError::NotFound(id)),
+                Some(mut job) => {
+                    let effect = machine::cancel(&mut job, now);
+                    save(t, &job)?;
+                    Ok((job, effect))
+                }
+            })
+        }),
+        Command::Retry(id, now, reply) => answer(tx, reply, |t| {
+            Ok(match load(t, &id)? {
+                None => Err(JobError::NotFound(id)),
+                Some(mut job) => match machine::retry(&mut job, now) {
+                    Ok(()) => {
+                        save(t, &job)?;
+                        Ok(job)
+                    }
+                    Err(r) => Err(r.into()),
+                },
+            })
+        }),
+        Command::Purge(before, statuses, reply) => {
+            answer(tx, reply, |t| purge(t, before, &statuses))
+        }
+    }
+}
+
+fn enqueue(tx: &Connection, jobs: Vec<NewJob>, now: Millis) -> Result<Vec<Enqueued>, StoreError> {
+    let mut find = tx
+        .prepare_cached("SELECT id FROM jobs WHERE name = ?1 AND idempotency_key = ?2")
+        .map_err(db_err)?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for new in jobs {
+        if let Some(key) = &new.idempotency_key {
+            let existing: Option<String> = find
+                .query_row(params![new.name, key], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            if let Some(id) = existing {
+                out.push(Enqueued {
+                    id,
+                    deduplicated: true,
+                });
+                continue;
+            }
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let job = Job::create(id.clone(), new, now);
+        insert(tx, &job)?;
+        out.push(Enqueued {
+            id,
+            deduplicated: false,
+        });
+    }
+    Ok(out)
+}
+
+fn insert(tx: &Connection, job: &Job) -> Result<(), StoreError> {
+    let retry = &job.options.retry;
+    tx.prepare_cached(&format!(
+        "INSERT INTO jobs ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+         ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
+    ))
+    .map_err(db_err)?
+    .execute(params![
+        job.id,
+        job.name,
+        job.queue,
+        job.priority,
+        job.args,
+        retry.max_attempts(),
+        backoff_name(retry.backoff()),
+        millis(retry.initial_delay()),
+        millis(retry.max_delay()),
+        retry.multiplier(),
+        retry.jitter(),
+        millis(job.options.timeout),
+        job.idempotency_key,
+        job.status.code(),
+        job.attempt,
+        job.error,
+        job.result,
+        job.created_at,
+        job.run_at,
+        job.started_at,
+        job.completed_at,
+        job.lease_until,
+        job.worker_id,
+        job.cancel_requested,
+    ])
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// Writes back the fields a transition may change.
+fn save(tx: &Connection, job: &Job) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE jobs SET status = ?2, attempt = ?3, error = ?4, result = ?5, run_at = ?6, \
+         started_at = ?7, completed_at = ?8, lease_until = ?9, worker_id = ?10, \
+         cancel_requested = ?11 WHERE id = ?1",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        job.id,
+        job.status.code(),
+        job.attempt,
+        job.error,
+        job.result,
+        job.run_at,
+        job.started_at,
+        job.completed_at,
+        job.lease_until,
+        job.worker_id,
+        job.cancel_requested,
+    ])
+    .map_err(db_err)?;
+    Ok(())
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn load(conn: &Connection, id: &str) -> Result<Option<Job>, StoreError> {
+    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
+        .map_err(db_err)?
+        .query_row([id], row_to_job)
+        .optional()
+        .map_err(db_err)?
+        .transpose()
+}
+
+/// Reads a row in [`COLUMNS`] order. The outer error is SQLite's, the inner one a bad row.
+fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Result<Job, StoreError>> {
+    let id: String = r.get(0)?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: id.clone(),
+        reason,
+    };
+    let backoff: String = r.get(6)?;
+    let status: i32 = r.get(13)?;
+    let Some(backoff) = parse_backoff(&backoff) else {
+        return Ok(Err(corrupt(format!("unknown backoff {backoff}"))));
+    };
+    let Some(status) = Status::from_code(status) else {
+        return Ok(Err(corrupt(format!("unknown status {status}"))));
+    };
+    let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
+    let retry = RetryPolicy::builder()
+        .max_attempts(r.get(5)?)
+        .backoff(backoff)
+        .initial_delay(ms(r.get(7)?))
+        .max_delay(ms(r.get(8)?))
+        .multiplier(r.get(9)?)
+        .jitter(r.get(10)?)
+        .build();
+    let retry = match retry {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(corrupt(e.to_string()))),
+    };
+    Ok(Ok(Job {
+        name: r.get(1)?,
+        queue: r.get(2)?,
+        priority: r.get(3)?,
+        args: r.get(4)?,
+        options: JobOptions {
+            retry,
+            timeout: ms(r.get(11)?),
+        },
+        idempotency_key: r.get(12)?,
+        status,
+        attempt: r.get(14)?,
+        error: r.get(15)?,
+        result: r.get(16)?,
+        created_at: r.get(17)?,
+        run_at: r.get(18)?,
+        started_at: r.get(19)?,
+        completed_at: r.get(20)?,
+        lease_until: r.get(21)?,
+        worker_id: r.get(22)?,
+        cancel_requested: r.get(23)?,
+        id,
+    }))
+}
+
+fn query_jobs(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Job>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    let rows = stmt.query_map(params, row_to_job).map_err(db_err)?;
+    let mut jobs = Vec::new();
+    for row in rows {
+        jobs.push(row.map_err(db_err)??);
+    }
+    Ok(jobs)
+}
+
+/// Due pending jobs for one worker, most urgent first: each priority level in turn, and within
+/// it each name's index range, merged by run time and enqueue order. Every query is an index
+/// range scan, so a deep backlog of other names or future jobs costs nothing.
+fn due(
+    conn: &Connection,
+    names: &[String],
+    limit: usize,
+    now: Millis,
+) -> Result<Vec<Job>, StoreError> {
+    let mut out: Vec<Job> = Vec::new();
+    let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+    // One query per distinct name: a name listed twice would return its jobs twice.
+    let mut names: Vec<&String> = names.iter().collect();
+    names.sort_unstable();
+    names.dedup();
+    for priority in 0..=MAX_PRIORITY {
+        let remaining = limit - out.len();
+        if remaining == 0 {
+            break;
+        }
+        let mut level = if names.is_empty() {
+            query_jobs(
+                conn,
+                &format!(
+                    "SELECT {COLUMNS} FROM jobs WHERE status = 1 AND priority = ?1 AND run_at <= ?2 \
+                     ORDER BY run_at, seq LIMIT ?3"
+                ),
+                params![priority, now, limit_i],
+            )?
+        } else {
+            let mut level = Vec::new();
+            for &name in &names {
+                level.extend(query_jobs(
+                    conn,
+                    &format!(
+                        "SELECT {COLUMNS} FROM jobs WHERE status = 1 AND name = ?1 AND priority = ?2 \
+                         AND run_at <= ?3 ORDER BY run_at, seq LIMIT ?4"
+                    ),
+                    params![name, priority, now, limit_i],
+                )?);
+            }
+            // Ids are UUIDv7: within one millisecond of run time they order by creation.
+            level.sort_by(|a, b| a.run_at.cmp(&b.run_at).then_with(|| a.id.cmp(&b.id)));
+            level
+        };
+        level.truncate(remaining);
+        out.extend(level);
+    }
+    Ok(out)
+}
+
+fn claim(
+    tx: &Connection,
+    requests: &[ClaimRequest],
+    now: Millis,
+) -> Result<Vec<Vec<Job>>, StoreError> {
+    let mut out = Vec::with_capacity(requests.len());
+    for req in requests {
+        if req.limit == 0 {
+            out.push(Vec::new());
+            continue;
+        }
+        let mut jobs = due(tx, &req.names, req.limit, now)?;
+        for job in &mut jobs {
+            machine::claim(job, &req.worker_id, now)
+                .map_err(|e| StoreError::Database(format!("claim of a due job refused: {e}")))?;
+            save(tx, job)?;
+        }
+        out.push(jobs);
+    }
+    Ok(out)
+}
+
+fn ack(tx: &Connection, acks: Vec<Ack>, now: Millis) -> Result<AckResults, StoreError> {
+    let mut out = Vec::with_capacity(acks.len());
+    for a in acks {
+        let Some(mut job) = load(tx, &a.job_id)? else {
+            out.push(Err(JobError::NotFound(a.job_id)));
+            continue;
+        };
+        match machine::ack(&mut job, a.attempt, a.outcome, now, rand::random::<f64>()) {
+            Ok(effect) => {
+                save(tx, &job)?;
+                out.push(Ok((job, effect)));
+            }
+            Err(r) => out.push(Err(r.into())),
+        }
+    }
+    Ok(out)
+}
+
+fn abandon(
+    tx: &Connection,
+    attempts: Vec<(String, u32)>,
+    reason: &str,
+    now: Millis,
+) -> Result<Vec<(Job, AckEffect)>, StoreError> {
+    let mut out = Vec::new();
+    for (id, attempt) in attempts {
+        let Some(mut job) = load(tx, &id)? else {
+            continue;
+        };
+        if job.status != Status::Running || job.attempt != attempt {
+            continue;
+        }
+        if let Ok(effect) = machine::abandon(&mut job, reason, now) {
+            save(tx, &job)?;
+            out.push((job, effect));
+        }
+    }
+    Ok(out)
+}
+
+fn expire(tx: &Connection, now: Millis) -> Result<Vec<(Job, AckEffect)>, StoreError> {
+    let jobs = query_jobs(
+        tx,
+        &format!(
+            "SELECT {COLUMNS} FROM jobs WHERE status = 2 AND lease_until <= ?1 ORDER BY lease_until LIMIT 1000"
+        ),
+        [now],
+    )?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for mut job in jobs {
+        if let Ok(effect) = machine::expire(&mut job, now, rand::random::<f64>()) {
+            save(tx, &job)?;
+            out.push((job, effect));
+        }
+    }
+    Ok(out)
+}
+
+fn heartbeat(
+    tx: &Connection,
+    beats: Vec<(String, Option<u32>)>,
+    extend: Option<Duration>,
+    now: Millis,
+) -> Result<Vec<Result<Millis, JobError>>, StoreError> {
+    let mut out = Vec::with_capacity(beats.len());
+    for (id, attempt) in beats {
+        let Some(mut job) = load(tx, &id)? else {
+            out.push(Err(JobError::NotFound(id)));
+            continue;
+        };
+        match machine::heartbeat(&mut job, attempt, extend, now) {
+            Ok(until) => {
+                save(tx, &job)?;
+                out.push(Ok(until));
+            }
+            Err(r) => out.push(Err(r.into())),
+        }
+    }
+    Ok(out)
+}
+
+fn purge(tx: &Connection, before: Millis, statuses: &[Status]) -> Result<u64, StoreError> {
+    let statuses: Vec<i32> = if statuses.is_empty() {
+        Status::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| s.code())
+            .collect()
+    } else {
+        statuses
+            .iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| s.code())
+            .collect()
+    };
+    if statuses.is_empty() {
+        return Ok(0);
+    }
+    let marks = vec!["?"; statuses.len()].join(", ");
+    let sql = format!(
+        "DELETE FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ? AND status IN ({marks})"
+    );
+    let mut values: Vec<i64> = vec![before];
+    values.extend(statuses.iter().map(|&s| i64::from(s)));
+    let n = tx.execute(&sql, params_from_iter(values)).map_err(db_err)?;
+    Ok(n as u64)
+}
+
+impl Store for SqliteStore {
+    async fn enqueue(&self, jobs: Vec<NewJob>, now: Millis) -> Result<Vec<Enqueued>, StoreError> {
+        self.write(|r| Command::Enqueue(jobs, now, r)).await
+    }
+
+    async fn claim(
+        &self,
+        requests: Vec<ClaimRequest>,
+        now: Millis,
+    ) -> Result<Vec<Vec<Job>>, StoreError> {
+        self.write(|r| Command::Claim(requests, now, r)).await
+    }
+
+    async fn ack(&self, acks: Vec<Ack>, now: Millis) -> Result<AckResults, StoreError> {
+        self.write(|r| Command::Ack(acks, now, r)).await
+    }
+
+    async fn abandon(
+        &self,
+        attempts: Vec<(String, u32)>,
+        reason: String,
+        now: Millis,
+    ) -> Result<Vec<(Job, AckEffect)>, StoreError> {
+        self.write(|r| Command::Abandon(attempts, reason, now, r))
+            .await
+    }
+
+    async fn expire_leases(&self, now: Millis) -> Result<Vec<(Job, AckEffect)>, StoreError> {
+        self.write(|r| Command::Expire(now, r)).await
+    }
+
+    async fn heartbeat(
+        &self,
+        beats: Vec<(String, Option<u32>)>,
+        extend: Option<Duration>,
+        now: Millis,
+    ) -> Result<Vec<Result<Millis, JobError>>, StoreError> {
+        self.write(|r| Command::Heartbeat(beats, extend, now, r))
+            .await
+    }
+
+    async fn cancel(
+        &self,
+        id: String,
+        now: Millis,
+    ) -> Result<Result<(Job, CancelEffect), JobError>, StoreError> {
+        self.write(|r| Command::Cancel(id, now, r)).await
+    }
+
+    async fn retry(&self, id: String, now: Millis) -> Result<Result<Job, JobError>, StoreError> {
+        self.write(|r| Command::Retry(id, now, r)).await
+    }
+
+    async fn get(&self, id: String) -> Result<Option<Job>, StoreError> {
+        self.read(move |c| load(c, &id)).await
+    }
+
+    async fn list(&self, filter: ListFilter) -> Result<(Vec<Job>, u64), StoreError> {
+        self.read(move |c| list(c, &filter)).await
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+                .map_err(db_err)?;
+            let counts: Vec<(i32, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db_err)?
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?;
+            Ok(Stats {
+                by_status: Status::ALL
+                    .iter()
+                    .map(|&s| {
+                        let n = counts.iter().find(|(c, _)| *c == s.code()).map(|(_, n)| *n);
+                        (s, n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn purge(&self, before: Millis, statuses: Vec<Status>) -> Result<u64, StoreError> {
+        self.write(|r| Command::Purge(before, statuses, r)).await
+    }
+
+    async fn next_wakeup(&self, now: Millis) -> Result<Option<Millis>, StoreError> {
+        self.read(move |c| {
+            let mut next: Option<Millis> = c
+                .prepare_cached("SELECT MIN(lease_until) FROM jobs WHERE status = 2")
+                .map_err(db_err)?
+                .query_row([], |r| r.get(0))
+                .map_err(db_err)?;
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT MIN(run_at) FROM jobs WHERE status = 1 AND priority = ?1 AND run_at > ?2",
+                )
+                .map_err(db_err)?;
+            for priority in 0..=MAX_PRIORITY {
+                let at: Option<Millis> = stmt.query_row(params![priority, now], |r| r.get(0)).map_err(db_err)?;
+                next = match (next, at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Ok(next)
+        })
+        .await
+    }
+}
+
+fn list(conn: &Connection, filter: &ListFilter) -> Result<(Vec<Job>, u64), StoreError> {
+    let mut clauses = Vec::new();
+    let mut values: Vec<rusqlite::types::Value> = Vec::new();
+    if !filter.statuses.is_empty() {
+        clauses.push(format!(
+            "status IN ({})",
+            vec!["?"; filter.statuses.len()].join(", ")
+        ));
+        values.extend(filter.statuses.iter().map(|s| i64::from(s.code()).into()));
+    }
+    if !filter.names.is_empty() {
+        clauses.push(format!(
+            "name IN ({})",
+            vec!["?"; filter.names.len()].join(", ")
+        ));
+        values.extend(filter.names.iter().map(|n| n.clone().into()));
+    }
+    let filter_sql = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let total: i64 = conn
+        .query_row(
+            &format!("SELECT COUNT(*) FROM jobs {filter_sql}"),
+            params_from_iter(values.iter()),
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    let column = match filter.order_by {
+        ListOrder::CreatedAt => "created_at",
+        ListOrder::RunAt => "run_at",
+    };
+    let direction = if filter.ascending { "ASC" } else { "DESC" };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM jobs {filter_sql} ORDER BY {column} {direction}, seq {direction} LIMIT ? OFFSET ?"
+    );
+    values.push(i64::try_from(filter.limit).unwrap_or(i64::MAX).into());
+    values.push(i64::try_from(filter.offset).unwrap_or(i64::MAX).into());
+    let jobs = query_jobs(conn, &sql, params_from_iter(values.iter()))?;
+    Ok((jobs, u64::try_from(total).unwrap_or(0)))
+}

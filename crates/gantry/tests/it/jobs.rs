@@ -1,0 +1,279 @@
+//! `gantry jobs`: the server as a child process, driven by the CLI and by the unmodified Reseolio
+//! npm SDK.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::serve::Served;
+use crate::{gantry, temp_dir};
+
+fn jobs_server(dir: &Path) -> Served {
+    let db = dir.join("jobs.db");
+    Served::start_with(
+        &[
+            "jobs",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        &[],
+        &["admin server listening", "jobs server listening"],
+    )
+}
+
+fn cli(server: &Served, args: &[&str]) -> Output {
+    gantry()
+        .args(["jobs"])
+        .args(args)
+        .env("GANTRY_JOBS_SERVER", server.jobs.unwrap().to_string())
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn cli_enqueue_list_show_cancel_stats_purge() {
+    let dir = temp_dir("jobs-cli");
+    let mut server = jobs_server(&dir);
+
+    let out = cli(
+        &server,
+        &[
+            "enqueue",
+            "email:send",
+            r#"["a@example.com"]"#,
+            "--idempotency-key",
+            "k1",
+            "--json",
+        ],
+    );
+    let first = json(&out);
+    assert_eq!(first["deduplicated"], false);
+    let id = first["id"].as_str().unwrap().to_owned();
+    let again = json(&cli(
+        &server,
+        &[
+            "enqueue",
+            "email:send",
+            r#"["a@example.com"]"#,
+            "--idempotency-key",
+            "k1",
+            "--json",
+        ],
+    ));
+    assert_eq!(
+        (again["id"].as_str(), again["deduplicated"].as_bool()),
+        (Some(id.as_str()), Some(true))
+    );
+    let later = stdout(&cli(&server, &["enqueue", "report", "[]", "--delay", "1h"]));
+
+    let listed = json(&cli(&server, &["list", "--json", "--name", "email:send"]));
+    assert_eq!(listed["total"], 1);
+    assert_eq!(listed["jobs"][0]["id"], id.as_str());
+    assert_eq!(
+        listed["jobs"][0]["args"],
+        serde_json::json!(["a@example.com"])
+    );
+
+    let table = stdout(&cli(&server, &["list"]));
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(table.contains("email:send") && table.contains(later.trim()));
+    assert!(table.trim_end().ends_with("2 of 2 jobs"), "{table}");
+
+    let shown = json(&cli(&server, &["show", &id, "--json"]));
+    assert_eq!(
+        (shown["status"].as_str(), shown["idempotency_key"].as_str()),
+        (Some("pending"), Some("k1"))
+    );
+
+    let out = cli(&server, &["cancel", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&server, &["retry", &id]);
+    assert_eq!(out.status.code(), Some(1), "a cancelled job is not dead");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected dead"));
+
+    let stats = json(&cli(&server, &["stats", "--json"]));
+    assert_eq!(
+        (stats["pending"].as_i64(), stats["cancelled"].as_i64()),
+        (Some(1), Some(1))
+    );
+
+    let purged = json(&cli(&server, &["purge", "--older-than", "0s", "--json"]));
+    assert_eq!(purged["deleted"], 1);
+    assert_eq!(json(&cli(&server, &["list", "--json"]))["total"], 1);
+
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).0, Some(0));
+}
+
+#[test]
+fn cli_exit_codes() {
+    let dir = temp_dir("jobs-codes");
+    let server = jobs_server(&dir);
+    let out = cli(&server, &["show", "no-such-job"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "gantry jobs: job no-such-job not found\n"
+    );
+    let out = cli(&server, &["retry", "no-such-job"]);
+    assert_eq!(out.status.code(), Some(4));
+    let out = cli(&server, &["enqueue", "x", "{not json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("args: is not valid JSON"));
+    let out = cli(&server, &["list", "--status", "sleeping"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = gantry()
+        .args(["jobs", "stats", "--server", &closed.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the jobs server"));
+}
+
+#[test]
+fn jobs_survive_a_sigkill_of_the_server() {
+    let dir = temp_dir("jobs-kill");
+    let server = jobs_server(&dir);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let out = cli(&server, &["enqueue", "n", &format!("[{i}]"), "--json"]);
+        ids.push(json(&out)["id"].as_str().unwrap().to_owned());
+    }
+    // Every enqueue above was acknowledged; none may be lost to a crash.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.child.id() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    drop(server);
+    let server = jobs_server(&dir);
+    let listed = json(&cli(&server, &["list", "--json", "--limit", "100"]));
+    assert_eq!(listed["total"], 20);
+    for id in ids {
+        assert!(cli(&server, &["show", &id]).status.success(), "{id} lost");
+    }
+}
+
+/// The `reseolio` npm package, installed once per build directory.
+fn reseolio_sdk() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("reseolio-sdk");
+    let marker = dir.join("node_modules/reseolio/package.json");
+    if !marker.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{"name":"gantry-reseolio-check","private":true,"type":"module"}"#,
+        )
+        .unwrap();
+        let out = Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--silent",
+                "reseolio@0.1.3",
+            ])
+            .current_dir(&dir)
+            .output()
+            .expect("npm is needed to test the Reseolio SDK (install Node.js and npm)");
+        assert!(
+            out.status.success(),
+            "npm install reseolio@0.1.3 failed: {out:?}"
+        );
+    }
+    // The SDK loads `<project>/proto/reseolio.proto`: ours.
+    std::fs::create_dir_all(dir.join("proto")).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto/reseolio.proto"),
+        dir.join("proto/reseolio.proto"),
+    )
+    .unwrap();
+    dir
+}
+
+const SDK_SCRIPT: &str = r#"
+import { Reseolio } from 'reseolio';
+
+const client = new Reseolio({ address: process.env.ADDR, autoStart: false, workerConcurrency: 4 });
+let flakyCalls = 0;
+const add = client.durable('sdk:add', async (a, b) => ({ sum: a + b }));
+const flaky = client.durable('sdk:flaky', async (n) => {
+  flakyCalls += 1;
+  if (flakyCalls < 2) throw new Error('first try fails');
+  return { n, calls: flakyCalls };
+}, { maxAttempts: 3, backoff: 'fixed', initialDelayMs: 50 });
+
+const watchdog = setTimeout(() => { console.error('TIMEOUT'); process.exit(2); }, 30000);
+await client.start();
+const handles = [];
+for (let i = 0; i < 20; i++) handles.push(await add(i, 1));
+const results = await Promise.all(handles.map((h) => h.result(20000)));
+const flakyResult = await (await flaky(7)).result(20000);
+const job = await client.getJob(handles[0].jobId);
+console.log(JSON.stringify({
+  sums: results.map((r) => r.sum),
+  flaky: flakyResult,
+  status: job.status,
+  attempt: job.attempt,
+}));
+await client.stop();
+clearTimeout(watchdog);
+process.exit(0);
+"#;
+
+#[test]
+fn the_reseolio_npm_sdk_runs_jobs_unmodified() {
+    let sdk = reseolio_sdk();
+    let script = sdk.join("check.mjs");
+    std::fs::write(&script, SDK_SCRIPT).unwrap();
+    let dir = temp_dir("jobs-sdk");
+    let server = jobs_server(&dir);
+    let out = Command::new("node")
+        .arg(&script)
+        .current_dir(&sdk)
+        .env("ADDR", server.jobs.unwrap().to_string())
+        .output()
+        .expect("node is needed to test the Reseolio SDK");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "SDK script failed: {out:?}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("no result line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let sums: Vec<i64> = v["sums"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_i64().unwrap())
+        .collect();
+    assert_eq!(sums, (1..=20).collect::<Vec<i64>>());
+    assert_eq!(v["flaky"], serde_json::json!({ "n": 7, "calls": 2 }));
+    assert_eq!(v["status"], 3, "SUCCESS");
+    assert_eq!(v["attempt"], 1);
+
+    // The server agrees: 21 succeeded, the flaky one on its second attempt.
+    let stats = json(&cli(&server, &["stats", "--json"]));
+    assert_eq!(stats["success"], 21);
+    let flaky = json(&cli(&server, &["list", "--json", "--name", "sdk:flaky"]));
+    assert_eq!(flaky["jobs"][0]["attempt"], 2);
+}
