@@ -38,6 +38,8 @@ struct Worker {
     names: Vec<String>,
     concurrency: usize,
     in_flight: usize,
+    /// Asked for no more jobs.
+    draining: bool,
     tx: mpsc::Sender<ToWorker>,
 }
 
@@ -77,6 +79,7 @@ impl Registry {
                 names,
                 concurrency,
                 in_flight: 0,
+                draining: false,
                 tx,
             },
         );
@@ -112,7 +115,7 @@ impl Registry {
     pub fn claim_requests(&self) -> Vec<(ConnId, ClaimRequest)> {
         self.workers
             .iter()
-            .filter(|(_, w)| w.in_flight < w.concurrency && !w.tx.is_closed())
+            .filter(|(_, w)| w.in_flight < w.concurrency && !w.draining && !w.tx.is_closed())
             .map(|(conn, w)| {
                 (
                     *conn,
@@ -170,6 +173,31 @@ impl Registry {
             })
             .is_ok()
         })
+    }
+
+    /// Counts a running attempt (re-adopted after a reconnect) against `conn`, taking it from
+    /// any other stream that held it.
+    pub fn adopt(&mut self, conn: ConnId, job_id: String, attempt: u32) {
+        if !self.workers.contains_key(&conn) {
+            return;
+        }
+        self.release(&job_id, None);
+        if let Some(w) = self.workers.get_mut(&conn) {
+            w.in_flight += 1;
+        }
+        self.holders.insert(job_id, (conn, attempt));
+    }
+
+    /// Stops sending jobs to `conn`.
+    pub fn drain(&mut self, conn: ConnId) {
+        if let Some(w) = self.workers.get_mut(&conn) {
+            w.draining = true;
+        }
+    }
+
+    /// Attempts `conn` holds now (0 for an unknown stream).
+    pub fn in_flight(&self, conn: ConnId) -> usize {
+        self.workers.get(&conn).map_or(0, |w| w.in_flight)
     }
 
     /// Number of connected worker streams.
@@ -241,6 +269,26 @@ mod tests {
         assert_eq!(r.held(), 1);
         assert_eq!(r.len(), 1);
         assert!(r.disconnect(old).is_empty());
+    }
+
+    #[test]
+    fn draining_workers_get_no_claims_and_adoption_moves_attempts() {
+        let mut r = Registry::default();
+        let (tx1, _rx1) = mpsc::channel(8);
+        let (tx2, _rx2) = mpsc::channel(8);
+        let old = r.connect("w".into(), vec![], 2, tx1);
+        let new = r.connect("w".into(), vec![], 2, tx2);
+        r.deliver(old, job("a", 4));
+        r.adopt(new, "a".into(), 4);
+        assert_eq!((r.in_flight(old), r.in_flight(new)), (0, 1));
+        assert!(
+            r.disconnect(old).is_empty(),
+            "the old stream no longer holds it"
+        );
+        r.drain(new);
+        assert!(r.claim_requests().is_empty());
+        assert!(r.release("a", Some(4)));
+        assert_eq!(r.in_flight(new), 0);
     }
 
     #[test]

@@ -269,6 +269,37 @@ impl<S: Store> Engine<S> {
         (conn, rx)
     }
 
+    /// Re-adopts attempts a reconnecting worker still runs: those still current count against
+    /// `conn`; the rest are returned as lost (the worker should stop them).
+    pub async fn adopt(
+        &self,
+        conn: ConnId,
+        held: Vec<(String, u32)>,
+    ) -> Result<(Vec<(String, u32)>, Vec<(String, u32)>), StoreError> {
+        let mut adopted = Vec::new();
+        let mut lost = Vec::new();
+        for (id, attempt) in held {
+            match self.shared.store.get(id.clone()).await? {
+                Some(job) if job.status == Status::Running && job.attempt == attempt => {
+                    self.registry().adopt(conn, id.clone(), attempt);
+                    adopted.push((id, attempt));
+                }
+                _ => lost.push((id, attempt)),
+            }
+        }
+        Ok((adopted, lost))
+    }
+
+    /// Sends `conn` no more jobs.
+    pub fn drain_worker(&self, conn: ConnId) {
+        self.registry().drain(conn);
+    }
+
+    /// Attempts `conn` holds now.
+    pub fn worker_in_flight(&self, conn: ConnId) -> usize {
+        self.registry().in_flight(conn)
+    }
+
     /// A later registration message on a worker's stream.
     pub fn update_worker(&self, conn: ConnId, names: Vec<String>, concurrency: usize) {
         self.registry().update(conn, names, concurrency);

@@ -285,18 +285,94 @@ fn completion_to_wire(c: Completion) -> proto::JobCompletion {
     }
 }
 
+/// A worker's report into an [`Outcome`]: empty results become JSON `null`, long errors are cut.
+fn outcome_from_wire(
+    success: bool,
+    value: Vec<u8>,
+    mut error: String,
+    retry: bool,
+) -> Result<Outcome, Status> {
+    if success {
+        let value = if value.is_empty() {
+            b"null".to_vec()
+        } else {
+            value
+        };
+        if value.len() > limits::PAYLOAD_BYTES {
+            return Err(invalid(
+                "result",
+                format!(
+                    "is {} bytes, the limit is {}",
+                    value.len(),
+                    limits::PAYLOAD_BYTES
+                ),
+            ));
+        }
+        return Ok(Outcome::Success(value));
+    }
+    if error.len() > limits::ERROR_BYTES {
+        let mut cut = limits::ERROR_BYTES;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+    }
+    Ok(Outcome::Failure { error, retry })
+}
+
 fn registration(r: &proto::PollRequest) -> Result<(Vec<String>, usize), Status> {
-    for name in &r.names {
+    worker_shape(&r.names, r.concurrency)
+}
+
+fn worker_shape(names: &[String], concurrency: i32) -> Result<(Vec<String>, usize), Status> {
+    for name in names {
         check_name("names[]", name)?;
     }
-    let concurrency = match r.concurrency {
+    let concurrency = match concurrency {
         0 => DEFAULT_CONCURRENCY,
         n if n < 0 => return Err(invalid("concurrency", format!("must be positive, got {n}"))),
         n => usize::try_from(n)
             .unwrap_or(MAX_CONCURRENCY)
             .min(MAX_CONCURRENCY),
     };
-    Ok((r.names.clone(), concurrency))
+    Ok((names.to_vec(), concurrency))
+}
+
+fn attempt_from_wire(field: &str, attempt: i32) -> Result<u32, Status> {
+    u32::try_from(attempt)
+        .ok()
+        .filter(|a| *a > 0)
+        .ok_or_else(|| {
+            invalid(
+                field,
+                format!("must be a positive attempt number, got {attempt}"),
+            )
+        })
+}
+
+fn held_from_wire(held: &[v1::Held]) -> Result<Vec<(String, u32)>, Status> {
+    if held.len() > MAX_CONCURRENCY {
+        return Err(invalid(
+            "held",
+            format!("at most {MAX_CONCURRENCY} attempts"),
+        ));
+    }
+    held.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let attempt = attempt_from_wire(&format!("held[{i}].attempt"), h.attempt)?;
+            Ok((h.job_id.clone(), attempt))
+        })
+        .collect()
+}
+
+fn held_to_wire(held: Vec<(String, u32)>) -> Vec<v1::Held> {
+    held.into_iter()
+        .map(|(job_id, attempt)| v1::Held {
+            job_id,
+            attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+        })
+        .collect()
 }
 
 fn shutting_down() -> Status {
@@ -385,37 +461,12 @@ impl<S: Store> Reseolio for ReseolioService<S> {
     ) -> Result<Response<proto::AckResponse>, Status> {
         let r = request.into_inner();
         let result = r.result.ok_or_else(|| invalid("result", "is required"))?;
-        let outcome = if result.success {
-            let value = if result.return_value.is_empty() {
-                b"null".to_vec()
-            } else {
-                result.return_value
-            };
-            if value.len() > limits::PAYLOAD_BYTES {
-                return Err(invalid(
-                    "result.return_value",
-                    format!(
-                        "is {} bytes, the limit is {}",
-                        value.len(),
-                        limits::PAYLOAD_BYTES
-                    ),
-                ));
-            }
-            Outcome::Success(value)
-        } else {
-            let mut error = result.error;
-            if error.len() > limits::ERROR_BYTES {
-                let mut cut = limits::ERROR_BYTES;
-                while !error.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                error.truncate(cut);
-            }
-            Outcome::Failure {
-                error,
-                retry: result.should_retry,
-            }
-        };
+        let outcome = outcome_from_wire(
+            result.success,
+            result.return_value,
+            result.error,
+            result.should_retry,
+        )?;
         let attempt = match r.attempt {
             0 => None,
             n if n < 0 => return Err(invalid("attempt", format!("must be positive, got {n}"))),
@@ -696,20 +747,197 @@ async fn send_finished<S: Store>(
     true
 }
 
-/// The `gantry.jobs.v1.Jobs` service: batch enqueue, heartbeats, stats and purge.
+/// The `gantry.jobs.v1.Jobs` service: the worker channel, batch enqueue, heartbeats, stats and
+/// purge.
 pub struct GantryJobsService<S> {
     engine: Engine<S>,
+    stop: CancellationToken,
 }
 
 impl<S: Store> GantryJobsService<S> {
-    /// Serves `engine`.
-    pub fn new(engine: Engine<S>) -> Self {
-        Self { engine }
+    /// Serves `engine`; `Work` streams end with `UNAVAILABLE` when `stop` is cancelled.
+    pub fn new(engine: Engine<S>, stop: CancellationToken) -> Self {
+        Self { engine, stop }
     }
+}
+
+fn work_msg(msg: v1::work_response::Msg) -> Result<v1::WorkResponse, Status> {
+    Ok(v1::WorkResponse { msg: Some(msg) })
+}
+
+/// Handles one `AckBatch` from a `Work` stream: every ack fenced by its attempt.
+async fn work_acks<S: Store>(
+    engine: &Engine<S>,
+    batch: v1::AckBatch,
+) -> Result<v1::AckResults, Status> {
+    if batch.acks.len() > limits::BATCH {
+        return Err(invalid(
+            "acks",
+            format!("at most {} per batch", limits::BATCH),
+        ));
+    }
+    let mut acks = Vec::with_capacity(batch.acks.len());
+    for (i, a) in batch.acks.into_iter().enumerate() {
+        let attempt = attempt_from_wire(&format!("acks[{i}].attempt"), a.attempt)?;
+        acks.push(Ack {
+            job_id: a.job_id,
+            attempt: Some(attempt),
+            outcome: outcome_from_wire(a.success, a.result, a.error, a.retry)?,
+        });
+    }
+    let keys: Vec<(String, u32)> = acks
+        .iter()
+        .map(|a| (a.job_id.clone(), a.attempt.unwrap_or(0)))
+        .collect();
+    let out = engine.ack(acks).await.map_err(store_status)?;
+    Ok(v1::AckResults {
+        results: keys
+            .into_iter()
+            .zip(out)
+            .map(|((job_id, attempt), r)| {
+                let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
+                match r {
+                    Ok((_, effect)) => v1::AckResult {
+                        job_id,
+                        attempt,
+                        ok: true,
+                        new_status: status_to_wire(effect.status) as i32,
+                        next_run_at: effect.next_run_at.unwrap_or(0),
+                        error: String::new(),
+                    },
+                    Err(e) => v1::AckResult {
+                        job_id,
+                        attempt,
+                        ok: false,
+                        new_status: 0,
+                        next_run_at: 0,
+                        error: e.to_string(),
+                    },
+                }
+            })
+            .collect(),
+    })
 }
 
 #[tonic::async_trait]
 impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
+    type WorkStream = BoxStream<v1::WorkResponse>;
+
+    async fn work(
+        &self,
+        request: Request<Streaming<v1::WorkRequest>>,
+    ) -> Result<Response<Self::WorkStream>, Status> {
+        use v1::work_request::Msg as In;
+        use v1::work_response::Msg as Out;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| invalid("Work", "the stream closed before the Register message"))?;
+        let Some(In::Register(register)) = first.msg else {
+            return Err(invalid("Work", "the first message must be Register"));
+        };
+        let (names, concurrency) = worker_shape(&register.names, register.concurrency)?;
+        let held = held_from_wire(&register.held)?;
+        let worker_id = register.worker_id;
+        let (conn, mut jobs) = self
+            .engine
+            .connect_worker(worker_id.clone(), names, concurrency);
+        let (adopted, lost) = match self.engine.adopt(conn, held).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.engine.disconnect_worker(conn).await;
+                return Err(store_status(e));
+            }
+        };
+        tracing::info!(worker_id = %worker_id, conn, concurrency, adopted = adopted.len(), "worker connected");
+
+        let (tx, rx) =
+            mpsc::channel::<Result<v1::WorkResponse, Status>>(concurrency.saturating_add(16));
+        // Capacity above holds the first message.
+        let _ = tx
+            .send(work_msg(Out::Registered(v1::Registered {
+                adopted: held_to_wire(adopted),
+                lost: held_to_wire(lost),
+            })))
+            .await;
+        let engine = self.engine.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut draining = false;
+            loop {
+                if draining && engine.worker_in_flight(conn) == 0 {
+                    let _ = tx.send(work_msg(Out::Drained(v1::Drained {}))).await;
+                    break;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        break;
+                    }
+                    () = tx.closed() => break,
+                    msg = inbound.message() => match msg {
+                        Ok(Some(v1::WorkRequest { msg: Some(In::Register(r)) })) => {
+                            let shape = worker_shape(&r.names, r.concurrency)
+                                .and_then(|shape| Ok((shape, held_from_wire(&r.held)?)));
+                            match shape {
+                                Ok(((names, concurrency), held)) => {
+                                    engine.update_worker(conn, names, concurrency);
+                                    let reply = match engine.adopt(conn, held).await {
+                                        Ok((adopted, lost)) => work_msg(Out::Registered(v1::Registered {
+                                            adopted: held_to_wire(adopted),
+                                            lost: held_to_wire(lost),
+                                        })),
+                                        Err(e) => Err(store_status(e)),
+                                    };
+                                    if tx.send(reply).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(status) => {
+                                    let _ = tx.send(Err(status)).await;
+                                    break;
+                                }
+                            }
+                        }
+                        Ok(Some(v1::WorkRequest { msg: Some(In::Acks(batch)) })) => {
+                            let reply = work_acks(&engine, batch).await.map(Out::Acks).and_then(work_msg);
+                            let failed = reply.is_err();
+                            if tx.send(reply).await.is_err() || failed {
+                                break;
+                            }
+                        }
+                        Ok(Some(v1::WorkRequest { msg: Some(In::Drain(_)) })) => {
+                            engine.drain_worker(conn);
+                            draining = true;
+                        }
+                        Ok(Some(v1::WorkRequest { msg: None })) => {
+                            let _ = tx.send(Err(invalid("WorkRequest", "empty message"))).await;
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    next = jobs.recv() => {
+                        let msg = match next {
+                            Some(ToWorker::Job(job)) => Out::Job(job_to_wire(*job)),
+                            Some(ToWorker::Cancel { job_id, attempt }) => Out::Cancel(v1::CancelAttempt {
+                                job_id,
+                                attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+                            }),
+                            None => break,
+                        };
+                        if tx.send(work_msg(msg)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            engine.disconnect_worker(conn).await;
+            tracing::info!(worker_id = %worker_id, conn, "worker disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn enqueue_batch(
         &self,
         request: Request<v1::EnqueueBatchRequest>,

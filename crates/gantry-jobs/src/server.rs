@@ -81,7 +81,7 @@ pub async fn serve<S: Store>(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(service)
         .add_service(
-            JobsServer::new(GantryJobsService::new(engine.clone()))
+            JobsServer::new(GantryJobsService::new(engine.clone(), streams_stop.clone()))
                 .max_decoding_message_size(16 * (limits::PAYLOAD_BYTES + 64 * 1024)),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -15,15 +15,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 
-struct Server {
-    addr: std::net::SocketAddr,
+pub struct Server {
+    pub addr: std::net::SocketAddr,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), server::ServeError>>,
     dir: std::path::PathBuf,
 }
 
 impl Server {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         let dir = std::env::temp_dir().join(format!(
             "gantry-jobs-grpc-{}-{}",
             std::process::id(),
@@ -47,13 +47,13 @@ impl Server {
         }
     }
 
-    async fn client(&self) -> ReseolioClient<Channel> {
+    pub async fn client(&self) -> ReseolioClient<Channel> {
         ReseolioClient::connect(format!("http://{}", self.addr))
             .await
             .unwrap()
     }
 
-    async fn shutdown(self) -> std::path::PathBuf {
+    pub async fn shutdown(self) -> std::path::PathBuf {
         self.stop.cancel();
         self.task.await.unwrap().unwrap();
         self.dir
@@ -99,7 +99,7 @@ impl Worker {
     }
 }
 
-fn enqueue(name: &str, args: &str) -> proto::EnqueueRequest {
+pub fn enqueue(name: &str, args: &str) -> proto::EnqueueRequest {
     proto::EnqueueRequest {
         name: name.into(),
         args: args.as_bytes().to_vec(),

@@ -5,3 +5,4 @@
 
 mod grpc;
 mod store;
+mod work;
