@@ -74,6 +74,9 @@ fn check_name(field: &str, name: &str) -> Result<(), Status> {
     if name.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
+    if name.contains('\0') {
+        return Err(invalid(field, "must not contain NUL bytes"));
+    }
     if name.len() > limits::NAME_BYTES {
         return Err(invalid(
             field,
@@ -191,6 +194,9 @@ pub(crate) fn new_job_from_wire(r: proto::EnqueueRequest) -> Result<NewJob, Stat
         r.args
     };
     check_json("args", &args)?;
+    if r.idempotency_key.contains('\0') {
+        return Err(invalid("idempotency_key", "must not contain NUL bytes"));
+    }
     if r.idempotency_key.len() > limits::IDEMPOTENCY_KEY_BYTES {
         return Err(invalid(
             "idempotency_key",

@@ -6,8 +6,9 @@
 //!
 //! **Invariant:** a job is RUNNING only with a lease (`lease_until`) and a worker; every other
 //! status has neither.
-//! **Invariant:** `attempt` only grows, except when `retry` revives a DEAD job (back to 0). An
-//! ack or heartbeat naming an attempt other than the current one is [`Rejection::Stale`].
+//! **Invariant:** `attempt` only grows, so an ack or heartbeat naming an attempt other than the
+//! current one is [`Rejection::Stale`] — even across a `retry`, which grants a fresh run of
+//! attempts by moving `attempt_base` up to `attempt` instead of resetting the counter.
 //! **Invariant:** a terminal job (SUCCESS, DEAD, CANCELLED) changes only through `retry` (DEAD
 //! only).
 
@@ -146,7 +147,8 @@ pub fn ack(
 /// A failed attempt that may be retried: PENDING after the backoff delay (or at once), or DEAD
 /// when it was the last attempt.
 fn fail_attempt(job: &mut Job, now: Millis, unit: f64, at_once: bool) -> AckEffect {
-    match job.options.retry.delay_after(job.attempt, unit) {
+    let tries = job.attempt.saturating_sub(job.attempt_base);
+    match job.options.retry.delay_after(tries, unit) {
         Some(delay) => {
             let run_at = if at_once {
                 now
@@ -228,7 +230,8 @@ pub fn cancel(job: &mut Job, now: Millis) -> CancelEffect {
     }
 }
 
-/// Revives a DEAD job: PENDING, due now, with its attempts counted from zero again.
+/// Revives a DEAD job: PENDING, due now, with a fresh run of `max_attempts` attempts. The
+/// attempt counter keeps growing, so acks from before the revival stay stale.
 pub fn retry(job: &mut Job, now: Millis) -> Result<(), Rejection> {
     if job.status != Status::Dead {
         return Err(Rejection::WrongStatus {
@@ -237,7 +240,7 @@ pub fn retry(job: &mut Job, now: Millis) -> Result<(), Rejection> {
         });
     }
     job.status = Status::Pending;
-    job.attempt = 0;
+    job.attempt_base = job.attempt;
     job.run_at = now;
     job.completed_at = None;
     job.started_at = None;
@@ -439,7 +442,21 @@ mod tests {
         retry(&mut j, 50).unwrap();
         assert_eq!(
             (j.status, j.attempt, j.run_at, j.completed_at),
-            (Status::Pending, 0, 50, None)
+            (Status::Pending, 1, 50, None)
+        );
+        // A fresh run: another attempt is allowed, and the old attempt stays fenced.
+        claim(&mut j, "w", 60).unwrap();
+        assert_eq!(j.attempt, 2);
+        assert_eq!(
+            ack(&mut j, Some(1), Outcome::Success(vec![]), 61, 0.0),
+            Err(Rejection::Stale {
+                given: 1,
+                current: 2
+            })
+        );
+        assert_eq!(
+            ack(&mut j, Some(2), fail(), 62, 0.0).unwrap().status,
+            Status::Dead
         );
     }
 
@@ -477,6 +494,7 @@ mod tests {
     struct Model {
         status: Status,
         attempt: u32,
+        base: u32,
         cancel_requested: bool,
     }
 
@@ -484,13 +502,13 @@ mod tests {
         #[test]
         fn matches_the_model_and_keeps_invariants(max in 1u32..5, ops in proptest::collection::vec(op(), 1..60)) {
             let mut j = job(max);
-            let mut m = Model { status: Status::Pending, attempt: 0, cancel_requested: false };
+            let mut m = Model { status: Status::Pending, attempt: 0, base: 0, cancel_requested: false };
             let mut now: Millis = 0;
             for op in ops {
                 let before = j.clone();
                 let fenced = |a: Option<u32>, m: &Model| m.status == Status::Running && a.is_none_or(|a| a == m.attempt);
                 let retry_or_dead = |m: &mut Model| {
-                    m.status = if m.cancel_requested { Status::Cancelled } else if m.attempt < max { Status::Pending } else { Status::Dead };
+                    m.status = if m.cancel_requested { Status::Cancelled } else if m.attempt - m.base < max { Status::Pending } else { Status::Dead };
                     m.cancel_requested = false;
                 };
                 let ok = match op {
@@ -543,7 +561,7 @@ mod tests {
                     }
                     Op::Retry => {
                         let ok = m.status == Status::Dead;
-                        if ok { m.status = Status::Pending; m.attempt = 0; }
+                        if ok { m.status = Status::Pending; m.base = m.attempt; }
                         prop_assert_eq!(retry(&mut j, now).is_ok(), ok);
                         ok
                     }
@@ -557,7 +575,8 @@ mod tests {
                 prop_assert_eq!(j.status == Status::Running, j.lease_until.is_some());
                 prop_assert_eq!(j.status == Status::Running, j.worker_id.is_some());
                 prop_assert_eq!(j.status.is_terminal(), j.completed_at.is_some());
-                prop_assert!(j.attempt <= max || j.status != Status::Running);
+                prop_assert!(j.attempt - j.attempt_base <= max || j.status != Status::Running);
+                prop_assert!(j.attempt >= before.attempt, "attempt went back");
                 if j.status == Status::Success { prop_assert!(j.result.is_some()); }
             }
         }

@@ -169,9 +169,12 @@ pub struct Job {
     pub idempotency_key: Option<String>,
     /// Where it is in its life.
     pub status: Status,
-    /// Number of attempts started. Also the fencing token of the current attempt: an ack or
-    /// heartbeat naming another attempt is stale.
+    /// Number of attempts started over the job's whole life. Also the fencing token of the
+    /// current attempt: an ack or heartbeat naming another attempt is stale. Never goes back.
     pub attempt: u32,
+    /// `attempt` when the job was last revived from DEAD: the attempts of the current run are
+    /// `attempt - attempt_base`, counted against `max_attempts` and the backoff.
+    pub attempt_base: u32,
     /// The latest failure.
     pub error: Option<String>,
     /// The result, once [`Status::Success`].
@@ -205,6 +208,7 @@ impl Job {
             idempotency_key: new.idempotency_key,
             status: Status::Pending,
             attempt: 0,
+            attempt_base: 0,
             error: None,
             result: None,
             created_at: now,

@@ -48,8 +48,10 @@ enabled = true
 # gRPC address of the jobs server.
 listen = "127.0.0.1:50051"
 # Where jobs are stored: a SQLite file (created if missing), or a postgres:// URL that several
-# gantry servers can share.
+# gantry servers can share (they never run one job twice at once).
 database = "gantry-data/jobs.db"
+# With PostgreSQL: the schema holding the jobs tables (created and migrated at start).
+postgres_schema = "gantry_jobs"
 # SQLite commit durability: "full" fsyncs every commit (survives power loss); "normal" survives a
 # process crash but may lose the last commits on power loss. Ignored for PostgreSQL.
 sync = "full"
@@ -91,6 +93,8 @@ pub struct JobsConfig {
     pub listen: SocketAddr,
     /// SQLite file path or `postgres://` URL.
     pub database: String,
+    /// PostgreSQL schema for the jobs tables.
+    pub postgres_schema: String,
     /// SQLite commit durability.
     pub sync: SyncMode,
 }
@@ -101,6 +105,7 @@ impl Default for JobsConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             database: "gantry-data/jobs.db".to_owned(),
+            postgres_schema: "gantry_jobs".to_owned(),
             sync: SyncMode::Full,
         }
     }

@@ -5,6 +5,7 @@ use gantry_jobs::engine::Engine;
 use gantry_jobs::metrics::JobsMetrics;
 use gantry_jobs::server;
 use gantry_jobs::store::Store;
+use gantry_jobs::store::postgres::PostgresStore;
 use gantry_jobs::store::sqlite::{SqliteOptions, SqliteStore, Sync};
 use gantry_runtime::admin::Readiness;
 use gantry_runtime::config::{JobsConfig, SyncMode};
@@ -19,8 +20,23 @@ pub async fn start(
 ) -> anyhow::Result<()> {
     let ready = readiness.register("jobs");
     let metrics = JobsMetrics::register(registry).context("cannot register jobs metrics")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot bind the jobs server to {}", config.listen))?;
+    let addr = listener.local_addr()?;
     if config.database.starts_with("postgres://") || config.database.starts_with("postgresql://") {
-        anyhow::bail!("PostgreSQL job storage is not wired into this build yet; use a SQLite path");
+        let store = PostgresStore::connect(&config.database, &config.postgres_schema)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the jobs schema {} in PostgreSQL",
+                    config.postgres_schema
+                )
+            })?;
+        spawn(Engine::new(store, metrics), listener, supervisor);
+        tracing::info!(%addr, schema = %config.postgres_schema, "jobs server listening (PostgreSQL)");
+        ready.set_ready();
+        return Ok(());
     }
     let options = SqliteOptions {
         path: config.database.clone().into(),
@@ -32,10 +48,6 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(options))
         .await?
         .with_context(|| format!("cannot open the jobs database {}", config.database))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot bind the jobs server to {}", config.listen))?;
-    let addr = listener.local_addr()?;
     spawn(Engine::new(store, metrics), listener, supervisor);
     tracing::info!(%addr, database = %config.database, "jobs server listening");
     ready.set_ready();

@@ -169,7 +169,8 @@ enum Q {
 
 const COLUMNS: &str = "id, name, queue, priority, args, max_attempts, backoff, initial_delay_ms, \
     max_delay_ms, multiplier, jitter, timeout_ms, idempotency_key, status, attempt, error, result, \
-    created_at, run_at, started_at, completed_at, lease_until, worker_id, cancel_requested";
+    created_at, run_at, started_at, completed_at, lease_until, worker_id, cancel_requested, \
+    attempt_base";
 
 const LIST_FILTER: &str = "(cardinality($1::int4[]) = 0 OR status = ANY($1::int4[])) \
     AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))";
@@ -200,11 +201,11 @@ fn sql(s: &str, q: Q) -> String {
             "UPDATE {s}.jobs AS j SET status = u.status, attempt = u.attempt, error = u.error, \
              result = u.result, run_at = u.run_at, started_at = u.started_at, \
              completed_at = u.completed_at, lease_until = u.lease_until, worker_id = u.worker_id, \
-             cancel_requested = u.cancel_requested \
+             cancel_requested = u.cancel_requested, attempt_base = u.attempt_base \
              FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::bytea[], $6::int8[], \
-             $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::bool[]) \
+             $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::bool[], $12::int8[]) \
              AS u(id, status, attempt, error, result, run_at, started_at, completed_at, \
-             lease_until, worker_id, cancel_requested) \
+             lease_until, worker_id, cancel_requested, attempt_base) \
              WHERE j.id = u.id"
         ),
         Q::ClaimAny => format!(
@@ -291,6 +292,8 @@ CREATE INDEX jobs_leases ON {schema}.jobs (lease_until) WHERE status = 2;
 CREATE INDEX jobs_created ON {schema}.jobs (created_at);
 CREATE INDEX jobs_finished ON {schema}.jobs (completed_at) WHERE completed_at IS NOT NULL;
 CREATE INDEX jobs_status_name ON {schema}.jobs (status, name);
+"#, r#"
+ALTER TABLE {schema}.jobs ADD COLUMN attempt_base BIGINT NOT NULL DEFAULT 0;
 "#];
 
 /// One pooled connection and the statements it has prepared.
@@ -578,6 +581,10 @@ fn row_to_job(r: &Row) -> Result<Job, StoreError> {
         lease_until: get(r, 21)?,
         worker_id: get(r, 22)?,
         cancel_requested: get(r, 23)?,
+        attempt_base: {
+            let base: i64 = get(r, 24)?;
+            u32::try_from(base).map_err(|_| corrupt(format!("attempt_base {base} out of range")))?
+        },
         id,
     })
 }
@@ -641,6 +648,7 @@ async fn save(
     let mut lease_until = Vec::with_capacity(n);
     let mut worker_id = Vec::with_capacity(n);
     let mut cancel_requested = Vec::with_capacity(n);
+    let mut attempt_base = Vec::with_capacity(n);
     for job in jobs {
         id.push(job.id.as_str());
         status.push(job.status.code());
@@ -653,9 +661,10 @@ async fn save(
         lease_until.push(job.lease_until);
         worker_id.push(job.worker_id.as_deref());
         cancel_requested.push(job.cancel_requested);
+        attempt_base.push(i64::from(job.attempt_base));
     }
     let statement = prepared.get(tx, Q::Save).await?;
-    let params: [&(dyn ToSql + Sync); 11] = [
+    let params: [&(dyn ToSql + Sync); 12] = [
         &id,
         &status,
         &attempt,
@@ -667,6 +676,7 @@ async fn save(
         &lease_until,
         &worker_id,
         &cancel_requested,
+        &attempt_base,
     ];
     let updated = tx.execute(&statement, &params).await.map_err(db_err)?;
     if updated != n as u64 {

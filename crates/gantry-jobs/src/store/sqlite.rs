@@ -138,11 +138,14 @@ CREATE INDEX jobs_leases ON jobs (lease_until) WHERE status = 2;
 CREATE INDEX jobs_created ON jobs (created_at);
 CREATE INDEX jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
 CREATE INDEX jobs_status_name ON jobs (status, name);
+"#, r#"
+ALTER TABLE jobs ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0;
 "#];
 
 const COLUMNS: &str = "id, name, queue, priority, args, max_attempts, backoff, initial_delay_ms, \
     max_delay_ms, multiplier, jitter, timeout_ms, idempotency_key, status, attempt, error, result, \
-    created_at, run_at, started_at, completed_at, lease_until, worker_id, cancel_requested";
+    created_at, run_at, started_at, completed_at, lease_until, worker_id, cancel_requested, \
+    attempt_base";
 
 impl SqliteStore {
     /// Opens (creating and migrating if needed) the database and starts the writer thread.
@@ -420,7 +423,7 @@ fn insert(tx: &Connection, job: &Job) -> Result<(), StoreError> {
     let retry = &job.options.retry;
     tx.prepare_cached(&format!(
         "INSERT INTO jobs ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-         ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
+         ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
     ))
     .map_err(db_err)?
     .execute(params![
@@ -448,6 +451,7 @@ fn insert(tx: &Connection, job: &Job) -> Result<(), StoreError> {
         job.lease_until,
         job.worker_id,
         job.cancel_requested,
+        job.attempt_base,
     ])
     .map_err(db_err)?;
     Ok(())
@@ -458,7 +462,7 @@ fn save(tx: &Connection, job: &Job) -> Result<(), StoreError> {
     tx.prepare_cached(
         "UPDATE jobs SET status = ?2, attempt = ?3, error = ?4, result = ?5, run_at = ?6, \
          started_at = ?7, completed_at = ?8, lease_until = ?9, worker_id = ?10, \
-         cancel_requested = ?11 WHERE id = ?1",
+         cancel_requested = ?11, attempt_base = ?12 WHERE id = ?1",
     )
     .map_err(db_err)?
     .execute(params![
@@ -473,6 +477,7 @@ fn save(tx: &Connection, job: &Job) -> Result<(), StoreError> {
         job.lease_until,
         job.worker_id,
         job.cancel_requested,
+        job.attempt_base,
     ])
     .map_err(db_err)?;
     Ok(())
@@ -540,6 +545,7 @@ fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Result<Job, StoreError>> {
         lease_until: r.get(21)?,
         worker_id: r.get(22)?,
         cancel_requested: r.get(23)?,
+        attempt_base: r.get(24)?,
         id,
     }))
 }

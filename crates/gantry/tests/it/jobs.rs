@@ -277,3 +277,190 @@ fn the_reseolio_npm_sdk_runs_jobs_unmodified() {
     let flaky = json(&cli(&server, &["list", "--json", "--name", "sdk:flaky"]));
     assert_eq!(flaky["jobs"][0]["attempt"], 2);
 }
+
+fn database_url() -> String {
+    std::env::var("GANTRY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A PostgreSQL schema of its own, dropped at the end.
+struct Schema {
+    name: String,
+}
+
+impl Schema {
+    fn new() -> Self {
+        Self {
+            name: format!("gantry_it_{}", uuid::Uuid::now_v7().simple()),
+        }
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            if let Ok((client, conn)) =
+                tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await
+            {
+                tokio::spawn(conn);
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                    .await;
+            }
+        });
+    }
+}
+
+#[test]
+fn two_servers_on_one_postgres_never_run_a_job_twice() {
+    use gantry_jobs::proto::gantry::jobs::v1::{self, jobs_client::JobsClient};
+    use gantry_jobs::proto::reseolio_client::ReseolioClient;
+    use gantry_jobs::proto::{self, JobStatus};
+    use std::sync::{Arc, Mutex};
+    use tokio_stream::StreamExt as _;
+
+    const JOBS: usize = 300;
+    let schema = Schema::new();
+    let url = database_url();
+    let start = || {
+        Served::start_with(
+            &["jobs", "serve", "--listen", "127.0.0.1:0", "--db", &url],
+            &[("GANTRY_JOBS_POSTGRES_SCHEMA", schema.name.as_str())],
+            &[
+                "admin server listening",
+                "jobs server listening (PostgreSQL)",
+            ],
+        )
+    };
+    let a = start();
+    let b = start();
+    let addrs = [a.jobs_pg.unwrap(), b.jobs_pg.unwrap()];
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // (job id, attempt, worker, start, end) for every delivery.
+    type Ledger = Arc<Mutex<Vec<(String, i32, usize, std::time::Instant, std::time::Instant)>>>;
+    let ledger: Ledger = Arc::default();
+    rt.block_on(async {
+        let mut workers = Vec::new();
+        for w in 0..4 {
+            let addr = addrs[w % 2];
+            let ledger = Arc::clone(&ledger);
+            workers.push(tokio::spawn(async move {
+                let mut client = ReseolioClient::connect(format!("http://{addr}"))
+                    .await
+                    .unwrap();
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tx.send(proto::PollRequest {
+                    worker_id: format!("w{w}"),
+                    names: vec!["n".into()],
+                    concurrency: 5,
+                })
+                .await
+                .unwrap();
+                let mut jobs = client
+                    .poll_jobs(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut acks = tokio::task::JoinSet::new();
+                while let Some(Ok(job)) = jobs.next().await {
+                    let mut client = client.clone();
+                    let ledger = Arc::clone(&ledger);
+                    acks.spawn(async move {
+                        let started = std::time::Instant::now();
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        let ended = std::time::Instant::now();
+                        ledger.lock().unwrap().push((
+                            job.id.clone(),
+                            job.attempt,
+                            w,
+                            started,
+                            ended,
+                        ));
+                        client
+                            .ack_job(proto::AckRequest {
+                                job_id: job.id,
+                                attempt: job.attempt,
+                                result: Some(proto::AckResult {
+                                    success: true,
+                                    return_value: b"1".to_vec(),
+                                    ..Default::default()
+                                }),
+                            })
+                            .await
+                            .unwrap();
+                    });
+                }
+                drop(tx);
+            }));
+        }
+        let mut jobs_client = JobsClient::connect(format!("http://{}", addrs[0]))
+            .await
+            .unwrap();
+        for chunk in 0..3 {
+            let batch = (0..JOBS / 3)
+                .map(|i| proto::EnqueueRequest {
+                    name: "n".into(),
+                    args: format!("[{}]", chunk * 1000 + i).into_bytes(),
+                    ..Default::default()
+                })
+                .collect();
+            jobs_client
+                .enqueue_batch(v1::EnqueueBatchRequest { jobs: batch })
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let stats = jobs_client
+                .stats(v1::StatsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            let done = stats
+                .counts
+                .iter()
+                .find(|c| c.status == JobStatus::Success as i32)
+                .map_or(0, |c| c.count);
+            if done == JOBS as i64 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {done} of {JOBS} jobs finished"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for w in workers {
+            w.abort();
+        }
+    });
+
+    let ledger = ledger.lock().unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for (id, attempt, worker, _, _) in ledger.iter() {
+        assert_eq!(*attempt, 1, "job {id} was delivered again");
+        assert!(
+            seen.insert(id.clone(), *worker).is_none(),
+            "job {id} ran twice"
+        );
+    }
+    assert_eq!(seen.len(), JOBS);
+    // Both servers handed out work.
+    let by_server = |s: usize| seen.values().filter(|w| **w % 2 == s).count();
+    assert!(
+        by_server(0) > 0 && by_server(1) > 0,
+        "{} / {}",
+        by_server(0),
+        by_server(1)
+    );
+}

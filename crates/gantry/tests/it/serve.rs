@@ -15,8 +15,10 @@ use crate::gantry;
 pub struct Served {
     pub child: Child,
     pub admin: SocketAddr,
-    /// The jobs server's address, when it runs.
+    /// The jobs server's address, when it runs on SQLite.
     pub jobs: Option<SocketAddr>,
+    /// The jobs server's address, when it runs on PostgreSQL.
+    pub jobs_pg: Option<SocketAddr>,
     /// The log lines, as they arrive.
     logs: mpsc::Receiver<String>,
 }
@@ -78,6 +80,7 @@ impl Served {
             child,
             admin: found["admin server listening"],
             jobs: found.get("jobs server listening").copied(),
+            jobs_pg: found.get("jobs server listening (PostgreSQL)").copied(),
             logs,
         }
     }
