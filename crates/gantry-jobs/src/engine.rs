@@ -4,13 +4,15 @@
 //! Every mutation goes to the [`Store`] first; only once it is committed does the engine tell
 //! anyone (workers, completion subscribers, metrics). The dispatch loop wakes when work may have
 //! appeared (an enqueue, an ack freeing capacity, a worker connecting, a retry) or when the store
-//! says something becomes due (a delayed job, a lease end), claims for every worker with room in
-//! one store call, and hands the jobs to the workers' channels.
+//! says something becomes due (a delayed job, a lease end, a schedule's tick), fires due cron
+//! schedules (their jobs join the same pass), claims for every worker with room in one store call,
+//! and hands the jobs to the workers' channels.
 //!
 //! **Invariant:** a job is sent to at most one worker per attempt: the store's claim moved it to
 //! RUNNING with that attempt before it was sent.
 //! **Boundary:** wire types never enter here; [`crate::grpc`] converts.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -21,7 +23,11 @@ use crate::dispatch::{ConnId, Delivery, Registry, ToWorker};
 use crate::machine::{AckEffect, CancelEffect};
 use crate::metrics::JobsMetrics;
 use crate::model::{Ack, Job, Millis, NewJob, Status, now_millis};
-use crate::store::{AckResults, Enqueued, JobError, ListFilter, Stats, Store, StoreError};
+use crate::schedule::{NewSchedule, Schedule, ScheduleChange};
+use crate::store::{
+    AckResults, Enqueued, JobError, ListFilter, QueueLimits, Stats, Store, StoreError,
+};
+use crate::store::{FireReport, ScheduleError, ScheduleFilter};
 
 /// A job reached a terminal status.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,8 +42,22 @@ pub struct Completion {
     pub error: Option<String>,
 }
 
+/// What an engine is configured with.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Never more than `queue_limits[queue]` jobs of a queue running at once.
+    pub queue_limits: QueueLimits,
+    /// Finished jobs are deleted this long after they finished; `None` keeps them.
+    pub retention: Option<Duration>,
+}
+
 /// How often the dispatch loop looks for expired leases and due jobs when nothing wakes it.
 const IDLE_TICK: Duration = Duration::from_millis(500);
+/// How often the dispatch loop looks for due schedules it was not told about (created or
+/// changed through another server sharing the database).
+const SCHEDULE_POLL: Millis = 1_000;
+/// Most schedules checked in one store call (one transaction).
+const SCHEDULE_BATCH: usize = 100;
 /// Completions buffered for slow subscribers before they must re-read from the store.
 const EVENTS: usize = 16_384;
 
@@ -47,9 +67,13 @@ struct Shared<S> {
     wake: Notify,
     events: broadcast::Sender<Completion>,
     metrics: JobsMetrics,
+    options: EngineOptions,
     /// Set when the server is going down: closing worker streams then is not the workers' doing,
     /// so their attempts are left RUNNING for them to finish and ack after the restart.
     stopping: CancellationToken,
+    /// The earliest `next_run_at` of schedules created or changed through this engine since the
+    /// dispatch loop last looked (`Millis::MAX`: none).
+    schedule_hint: AtomicI64,
 }
 
 /// The job engine. Cloning shares it.
@@ -66,8 +90,13 @@ impl<S> Clone for Engine<S> {
 }
 
 impl<S: Store> Engine<S> {
-    /// An engine over `store`, counting into `metrics`.
+    /// An engine over `store`, counting into `metrics`, with default options.
     pub fn new(store: S, metrics: JobsMetrics) -> Self {
+        Self::with_options(store, metrics, EngineOptions::default())
+    }
+
+    /// An engine over `store` with `options`.
+    pub fn with_options(store: S, metrics: JobsMetrics, options: EngineOptions) -> Self {
         let (events, _) = broadcast::channel(EVENTS);
         Self {
             shared: Arc::new(Shared {
@@ -76,7 +105,9 @@ impl<S: Store> Engine<S> {
                 wake: Notify::new(),
                 events,
                 metrics,
+                options,
                 stopping: CancellationToken::new(),
+                schedule_hint: AtomicI64::new(Millis::MAX),
             }),
         }
     }
@@ -254,6 +285,109 @@ impl<S: Store> Engine<S> {
         self.shared.store.purge(before, statuses).await
     }
 
+    /// Creates a cron schedule.
+    pub async fn create_schedule(
+        &self,
+        new: NewSchedule,
+    ) -> Result<Result<Schedule, ScheduleError>, StoreError> {
+        let out = self.shared.store.create_schedule(new, now_millis()).await?;
+        if let Ok(s) = &out {
+            self.schedule_changed(s);
+        }
+        Ok(out)
+    }
+
+    /// A schedule by id, or by the name of one not deleted.
+    pub async fn get_schedule(&self, id_or_name: String) -> Result<Option<Schedule>, StoreError> {
+        self.shared.store.get_schedule(id_or_name).await
+    }
+
+    /// A page of schedules and the number matching.
+    pub async fn list_schedules(
+        &self,
+        filter: ScheduleFilter,
+    ) -> Result<(Vec<Schedule>, u64), StoreError> {
+        self.shared.store.list_schedules(filter).await
+    }
+
+    /// Updates, pauses, resumes or deletes a schedule.
+    pub async fn change_schedule(
+        &self,
+        id_or_name: String,
+        change: ScheduleChange,
+    ) -> Result<Result<Schedule, ScheduleError>, StoreError> {
+        let out = self
+            .shared
+            .store
+            .change_schedule(id_or_name, change, now_millis())
+            .await?;
+        if let Ok(s) = &out {
+            self.schedule_changed(s);
+        }
+        Ok(out)
+    }
+
+    /// Tells the dispatch loop about a schedule's (new) next tick.
+    fn schedule_changed(&self, s: &Schedule) {
+        if let Some(at) = s.next_run_at {
+            self.shared.schedule_hint.fetch_min(at, Ordering::AcqRel);
+            self.wake();
+        }
+    }
+
+    /// Fires the due schedules; returns when to look again.
+    async fn fire_schedules(&self, now: Millis) -> Millis {
+        let report = match self
+            .shared
+            .store
+            .fire_due_schedules(now, SCHEDULE_BATCH)
+            .await
+        {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot fire due schedules");
+                return now.saturating_add(millis(IDLE_TICK));
+            }
+        };
+        let FireReport {
+            fired,
+            broken,
+            next_due,
+        } = report;
+        let full = fired.len() + broken.len() >= SCHEDULE_BATCH;
+        let m = &self.shared.metrics;
+        for f in &fired {
+            let created = f.job.as_ref().filter(|j| !j.deduplicated);
+            if let Some(job) = created {
+                m.schedule_fired.with_label_values(&[&f.name]).inc();
+                m.enqueued.with_label_values(&[&f.name]).inc();
+                tracing::debug!(schedule = %f.name, schedule_id = %f.schedule_id, tick = f.tick, job_id = %job.id, "schedule fired");
+            }
+            if f.late {
+                m.schedule_late.with_label_values(&[&f.name]).inc();
+                match f.tick {
+                    Some(tick) => {
+                        tracing::warn!(schedule = %f.name, schedule_id = %f.schedule_id, tick, "schedule missed ticks; fired one job for them (misfire policy coalesce)")
+                    }
+                    None => {
+                        tracing::warn!(schedule = %f.name, schedule_id = %f.schedule_id, "schedule missed ticks; dropped them (misfire policy skip)")
+                    }
+                }
+            }
+        }
+        for (id, error) in &broken {
+            tracing::error!(schedule_id = %id, error = %error, "schedule cannot be read; stopped it");
+        }
+        if full {
+            // More may be due: look again at once.
+            self.wake();
+            return now;
+        }
+        next_due
+            .unwrap_or(Millis::MAX)
+            .min(now.saturating_add(SCHEDULE_POLL))
+    }
+
     /// Registers a worker stream; jobs (and cancels) for it arrive on the returned receiver.
     pub fn connect_worker(
         &self,
@@ -281,7 +415,13 @@ impl<S: Store> Engine<S> {
         for (id, attempt) in held {
             match self.shared.store.get(id.clone()).await? {
                 Some(job) if job.status == Status::Running && job.attempt == attempt => {
-                    self.registry().adopt(conn, id.clone(), attempt);
+                    let mut registry = self.registry();
+                    registry.adopt(conn, id.clone(), attempt);
+                    // A cancel asked for while the worker was away is delivered now.
+                    if job.cancel_requested {
+                        registry.notify_cancel(&id);
+                    }
+                    drop(registry);
                     adopted.push((id, attempt));
                 }
                 _ => lost.push((id, attempt)),
@@ -343,8 +483,19 @@ impl<S: Store> Engine<S> {
     /// worker streams closed by the shutdown keep their attempts.
     pub async fn run(&self, stop: CancellationToken) -> Result<(), StoreError> {
         let mut next_expiry: Millis = 0;
+        // When to check schedules next; at once on start, for ticks missed while down.
+        let mut schedules_due: Millis = 0;
         loop {
             let now = now_millis();
+            schedules_due = schedules_due.min(
+                self.shared
+                    .schedule_hint
+                    .swap(Millis::MAX, Ordering::AcqRel),
+            );
+            if now >= schedules_due {
+                // Before dispatching, so the jobs it enqueues go out in this pass.
+                schedules_due = self.fire_schedules(now).await;
+            }
             if now >= next_expiry {
                 match self.shared.store.expire_leases(now).await {
                     Ok(expired) => {
@@ -404,7 +555,11 @@ impl<S: Store> Engine<S> {
             return Ok(());
         }
         let (conns, requests): (Vec<ConnId>, Vec<_>) = requests.into_iter().unzip();
-        let claimed = self.shared.store.claim(requests, now).await?;
+        let claimed = self
+            .shared
+            .store
+            .claim(requests, self.shared.options.queue_limits.clone(), now)
+            .await?;
         let mut undeliverable = Vec::new();
         {
             let mut registry = self.registry();
@@ -429,6 +584,23 @@ impl<S: Store> Engine<S> {
                 .await;
         }
         Ok(())
+    }
+
+    /// Deletes finished jobs older than the retention, if one is set. Returns how many.
+    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let Some(retention) = self.shared.options.retention else {
+            return Ok(0);
+        };
+        let before = now_millis().saturating_sub(millis(retention));
+        let n = self.shared.store.purge(before, Vec::new()).await?;
+        if n > 0 {
+            tracing::info!(
+                deleted = n,
+                ?retention,
+                "purged finished jobs past retention"
+            );
+        }
+        Ok(n)
     }
 
     /// Refreshes the queue-depth gauges from the store.

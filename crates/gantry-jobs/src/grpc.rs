@@ -26,7 +26,13 @@ use crate::model::{
 use crate::proto;
 use crate::proto::gantry::jobs::v1;
 use crate::proto::reseolio_server::Reseolio;
-use crate::store::{JobError, ListFilter, ListOrder, Store, StoreError};
+use crate::schedule::{
+    self, CronSpec, Misfire, NewSchedule, Schedule, ScheduleChange, ScheduleRejection,
+    ScheduleStatus, ScheduleUpdate, SpecError,
+};
+use crate::store::{
+    JobError, ListFilter, ListOrder, ScheduleError, ScheduleFilter, Store, StoreError,
+};
 
 /// Default worker concurrency when a worker sends 0 (the SDK's default).
 const DEFAULT_CONCURRENCY: usize = 10;
@@ -664,56 +670,294 @@ impl<S: Store> Reseolio for ReseolioService<S> {
 
     async fn create_schedule(
         &self,
-        _request: Request<proto::CreateScheduleRequest>,
+        request: Request<proto::CreateScheduleRequest>,
     ) -> Result<Response<proto::Schedule>, Status> {
-        Err(schedules_unimplemented())
+        let new = new_schedule_from_wire(request.into_inner())?;
+        let s = self
+            .engine
+            .create_schedule(new)
+            .await
+            .map_err(store_status)?
+            .map_err(schedule_status)?;
+        tracing::info!(schedule = %s.name, schedule_id = %s.id, cron = %s.cron, timezone = %s.timezone, "schedule created");
+        Ok(Response::new(schedule_to_wire(s)))
     }
 
     async fn get_schedule(
         &self,
-        _request: Request<proto::GetScheduleRequest>,
+        request: Request<proto::GetScheduleRequest>,
     ) -> Result<Response<proto::Schedule>, Status> {
-        Err(schedules_unimplemented())
+        let key = schedule_key(request.into_inner().schedule_id)?;
+        match self
+            .engine
+            .get_schedule(key.clone())
+            .await
+            .map_err(store_status)?
+        {
+            Some(s) => Ok(Response::new(schedule_to_wire(s))),
+            None => Err(schedule_status(ScheduleError::NotFound(key))),
+        }
     }
 
     async fn list_schedules(
         &self,
-        _request: Request<proto::ListSchedulesRequest>,
+        request: Request<proto::ListSchedulesRequest>,
     ) -> Result<Response<proto::ListSchedulesResponse>, Status> {
-        Err(schedules_unimplemented())
+        let r = request.into_inner();
+        let status = match r.status_filter.to_ascii_lowercase().as_str() {
+            "" | "all" => None,
+            "active" => Some(ScheduleStatus::Active),
+            "paused" => Some(ScheduleStatus::Paused),
+            "deleted" => Some(ScheduleStatus::Deleted),
+            other => {
+                return Err(invalid(
+                    "status_filter",
+                    format!("unknown status `{other}`, expected active, paused, deleted or all"),
+                ));
+            }
+        };
+        let limit = match r.limit {
+            0 => DEFAULT_PAGE,
+            n if n < 0 => return Err(invalid("limit", format!("must not be negative, got {n}"))),
+            n => usize::try_from(n).unwrap_or(MAX_PAGE).min(MAX_PAGE),
+        };
+        let offset = usize::try_from(r.offset)
+            .map_err(|_| invalid("offset", format!("must not be negative, got {}", r.offset)))?;
+        let (schedules, total) = self
+            .engine
+            .list_schedules(ScheduleFilter {
+                status,
+                limit,
+                offset,
+            })
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::ListSchedulesResponse {
+            schedules: schedules.into_iter().map(schedule_to_wire).collect(),
+            total: i32::try_from(total).unwrap_or(i32::MAX),
+        }))
     }
 
     async fn update_schedule(
         &self,
-        _request: Request<proto::UpdateScheduleRequest>,
+        request: Request<proto::UpdateScheduleRequest>,
     ) -> Result<Response<proto::Schedule>, Status> {
-        Err(schedules_unimplemented())
+        let r = request.into_inner();
+        let key = schedule_key(r.schedule_id)?;
+        let cron = match r.cron_expression.as_str() {
+            "" => None,
+            cron => {
+                check_cron(cron)?;
+                Some(r.cron_expression)
+            }
+        };
+        let timezone = match r.timezone.as_str() {
+            "" => None,
+            tz => {
+                check_timezone(tz)?;
+                Some(r.timezone)
+            }
+        };
+        let options = r
+            .handler_options
+            .map(|o| handler_options_from_wire(Some(o)))
+            .transpose()?;
+        let misfire = match r.misfire.as_str() {
+            "" => None,
+            name => Some(misfire_from_wire(name)?),
+        };
+        let change = ScheduleChange::Update(ScheduleUpdate {
+            cron,
+            timezone,
+            options,
+            misfire,
+        });
+        self.change_schedule(key, change).await
     }
 
     async fn pause_schedule(
         &self,
-        _request: Request<proto::PauseScheduleRequest>,
+        request: Request<proto::PauseScheduleRequest>,
     ) -> Result<Response<proto::Schedule>, Status> {
-        Err(schedules_unimplemented())
+        let key = schedule_key(request.into_inner().schedule_id)?;
+        self.change_schedule(key, ScheduleChange::Pause).await
     }
 
     async fn resume_schedule(
         &self,
-        _request: Request<proto::ResumeScheduleRequest>,
+        request: Request<proto::ResumeScheduleRequest>,
     ) -> Result<Response<proto::Schedule>, Status> {
-        Err(schedules_unimplemented())
+        let key = schedule_key(request.into_inner().schedule_id)?;
+        self.change_schedule(key, ScheduleChange::Resume).await
     }
 
     async fn delete_schedule(
         &self,
-        _request: Request<proto::DeleteScheduleRequest>,
+        request: Request<proto::DeleteScheduleRequest>,
     ) -> Result<Response<proto::DeleteScheduleResponse>, Status> {
-        Err(schedules_unimplemented())
+        let key = schedule_key(request.into_inner().schedule_id)?;
+        // Reseolio's contract answers success = false, not an RPC error, for an unknown or
+        // already deleted schedule (its SDK returns that boolean).
+        let (success, message) = match self
+            .engine
+            .change_schedule(key.clone(), ScheduleChange::Delete)
+            .await
+            .map_err(store_status)?
+        {
+            Ok(s) => {
+                tracing::info!(schedule = %s.name, schedule_id = %s.id, "schedule deleted");
+                (true, format!("schedule {} deleted", s.id))
+            }
+            Err(ScheduleError::Rejected(_)) => {
+                (false, format!("schedule {key} is already deleted"))
+            }
+            Err(e) => (false, e.to_string()),
+        };
+        Ok(Response::new(proto::DeleteScheduleResponse {
+            success,
+            message,
+        }))
     }
 }
 
-fn schedules_unimplemented() -> Status {
-    Status::unimplemented("cron schedules are not available in this gantry version")
+impl<S: Store> ReseolioService<S> {
+    async fn change_schedule(
+        &self,
+        key: String,
+        change: ScheduleChange,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        let what = match &change {
+            ScheduleChange::Update(_) => "updated",
+            ScheduleChange::Pause => "paused",
+            ScheduleChange::Resume => "resumed",
+            ScheduleChange::Delete => "deleted",
+        };
+        let s = self
+            .engine
+            .change_schedule(key, change)
+            .await
+            .map_err(store_status)?
+            .map_err(schedule_status)?;
+        tracing::info!(schedule = %s.name, schedule_id = %s.id, "schedule {what}");
+        Ok(Response::new(schedule_to_wire(s)))
+    }
+}
+
+/// The one mapping from per-schedule refusals to gRPC.
+pub(crate) fn schedule_status(e: ScheduleError) -> Status {
+    match e {
+        ScheduleError::NotFound(key) => Status::not_found(format!("schedule {key} not found")),
+        ScheduleError::NameTaken(_) => Status::already_exists(format!("name: {e}")),
+        ScheduleError::Rejected(ScheduleRejection::Spec(e)) => spec_status(e),
+        ScheduleError::Rejected(r) => Status::failed_precondition(r.to_string()),
+    }
+}
+
+fn spec_status(e: SpecError) -> Status {
+    match e {
+        SpecError::TimeZone(_) => invalid("timezone", e),
+        SpecError::Cron { .. } | SpecError::NeverFires(_) => invalid("cron_expression", e),
+    }
+}
+
+/// Longest time zone name accepted, in bytes (the longest IANA name is about 30).
+const MAX_TIMEZONE_BYTES: usize = 64;
+
+fn check_cron(cron: &str) -> Result<(), Status> {
+    if cron.trim().is_empty() {
+        return Err(invalid("cron_expression", "is required"));
+    }
+    if cron.len() > schedule::MAX_EXPRESSION_BYTES {
+        return Err(invalid(
+            "cron_expression",
+            format!(
+                "is {} bytes, the limit is {}",
+                cron.len(),
+                schedule::MAX_EXPRESSION_BYTES
+            ),
+        ));
+    }
+    CronSpec::parse(cron, "").map(|_| ()).map_err(spec_status)
+}
+
+fn check_timezone(tz: &str) -> Result<(), Status> {
+    if tz.len() > MAX_TIMEZONE_BYTES {
+        return Err(invalid(
+            "timezone",
+            format!("is {} bytes, the limit is {MAX_TIMEZONE_BYTES}", tz.len()),
+        ));
+    }
+    schedule::parse_timezone(tz)
+        .map(|_| ())
+        .map_err(spec_status)
+}
+
+fn misfire_from_wire(name: &str) -> Result<Misfire, Status> {
+    Misfire::from_name(name).ok_or_else(|| {
+        invalid(
+            "misfire",
+            format!("unknown misfire policy `{name}`, expected coalesce or skip"),
+        )
+    })
+}
+
+/// Job options of a schedule; errors name `handler_options.*`.
+fn handler_options_from_wire(o: Option<proto::JobOptions>) -> Result<JobOptions, Status> {
+    options_from_wire(o).map_err(|s| Status::invalid_argument(format!("handler_{}", s.message())))
+}
+
+fn schedule_key(key: String) -> Result<String, Status> {
+    if key.is_empty() {
+        return Err(invalid("schedule_id", "is required"));
+    }
+    Ok(key)
+}
+
+/// A checked `CreateScheduleRequest`.
+fn new_schedule_from_wire(r: proto::CreateScheduleRequest) -> Result<NewSchedule, Status> {
+    check_name("name", &r.name)?;
+    check_cron(&r.cron_expression)?;
+    check_timezone(&r.timezone)?;
+    let args = if r.args.is_empty() {
+        b"[]".to_vec()
+    } else {
+        r.args
+    };
+    check_json("args", &args)?;
+    let misfire = match r.misfire.as_str() {
+        "" => Misfire::default(),
+        name => misfire_from_wire(name)?,
+    };
+    Ok(NewSchedule {
+        name: r.name,
+        cron: r.cron_expression,
+        timezone: r.timezone,
+        misfire,
+        args,
+        options: handler_options_from_wire(r.handler_options)?,
+    })
+}
+
+/// A domain schedule as the wire shows it.
+fn schedule_to_wire(s: Schedule) -> proto::Schedule {
+    proto::Schedule {
+        status: match s.status {
+            ScheduleStatus::Active => proto::ScheduleStatus::Active,
+            ScheduleStatus::Paused => proto::ScheduleStatus::Paused,
+            ScheduleStatus::Deleted => proto::ScheduleStatus::Deleted,
+        } as i32,
+        next_run_at: s.next_run_at.unwrap_or(0),
+        last_run_at: s.last_run_at.unwrap_or(0),
+        created_at: s.created_at,
+        updated_at: s.updated_at,
+        handler_options: Some(options_to_wire(&s.options)),
+        misfire: s.misfire.as_str().to_owned(),
+        id: s.id,
+        name: s.name,
+        cron_expression: s.cron,
+        timezone: s.timezone,
+        args: s.args,
+    }
 }
 
 /// Sends a completion for each of `ids` that is already terminal (or unknown: NOT_FOUND ends
@@ -782,46 +1026,57 @@ async fn work_acks<S: Store>(
             format!("at most {} per batch", limits::BATCH),
         ));
     }
+    // An ack the server cannot take (no attempt, an oversized result) is refused on its own line
+    // of the answer; it must not end the stream and cost the worker every attempt it holds.
+    let refused = |job_id: String, attempt: i32, status: Status| v1::AckResult {
+        job_id,
+        attempt,
+        ok: false,
+        new_status: 0,
+        next_run_at: 0,
+        error: status.message().to_owned(),
+    };
+    let mut results: Vec<Option<v1::AckResult>> = Vec::with_capacity(batch.acks.len());
     let mut acks = Vec::with_capacity(batch.acks.len());
+    let mut slots = Vec::with_capacity(batch.acks.len());
     for (i, a) in batch.acks.into_iter().enumerate() {
-        let attempt = attempt_from_wire(&format!("acks[{i}].attempt"), a.attempt)?;
-        acks.push(Ack {
-            job_id: a.job_id,
-            attempt: Some(attempt),
-            outcome: outcome_from_wire(a.success, a.result, a.error, a.retry)?,
+        let checked =
+            attempt_from_wire(&format!("acks[{i}].attempt"), a.attempt).and_then(|attempt| {
+                Ok((
+                    attempt,
+                    outcome_from_wire(a.success, a.result, a.error, a.retry)?,
+                ))
+            });
+        match checked {
+            Ok((attempt, outcome)) => {
+                slots.push((i, a.job_id.clone(), attempt));
+                acks.push(Ack {
+                    job_id: a.job_id,
+                    attempt: Some(attempt),
+                    outcome,
+                });
+                results.push(None);
+            }
+            Err(status) => results.push(Some(refused(a.job_id, a.attempt, status))),
+        }
+    }
+    let out = engine.ack(acks).await.map_err(store_status)?;
+    for ((i, job_id, attempt), r) in slots.into_iter().zip(out) {
+        let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
+        results[i] = Some(match r {
+            Ok((_, effect)) => v1::AckResult {
+                job_id,
+                attempt,
+                ok: true,
+                new_status: status_to_wire(effect.status) as i32,
+                next_run_at: effect.next_run_at.unwrap_or(0),
+                error: String::new(),
+            },
+            Err(e) => refused(job_id, attempt, Status::failed_precondition(e.to_string())),
         });
     }
-    let keys: Vec<(String, u32)> = acks
-        .iter()
-        .map(|a| (a.job_id.clone(), a.attempt.unwrap_or(0)))
-        .collect();
-    let out = engine.ack(acks).await.map_err(store_status)?;
     Ok(v1::AckResults {
-        results: keys
-            .into_iter()
-            .zip(out)
-            .map(|((job_id, attempt), r)| {
-                let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
-                match r {
-                    Ok((_, effect)) => v1::AckResult {
-                        job_id,
-                        attempt,
-                        ok: true,
-                        new_status: status_to_wire(effect.status) as i32,
-                        next_run_at: effect.next_run_at.unwrap_or(0),
-                        error: String::new(),
-                    },
-                    Err(e) => v1::AckResult {
-                        job_id,
-                        attempt,
-                        ok: false,
-                        new_status: 0,
-                        next_run_at: 0,
-                        error: e.to_string(),
-                    },
-                }
-            })
-            .collect(),
+        results: results.into_iter().flatten().collect(),
     })
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`model`]: jobs, options, statuses (the domain; wire types convert at the boundary).
 //! - [`machine`]: every status change as a pure function — the semantics live here.
+//! - [`schedule`]: cron schedules as pure functions: ticks in IANA zones, the misfire policy.
 //! - [`store`]: durable storage behind one trait; SQLite embedded, PostgreSQL shared.
 //! - [`dispatch`]: the registry of connected workers, their capacity and the attempts they hold.
 //! - [`engine`]: the one place that changes jobs for clients and workers, and the dispatch loop.
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod machine;
 pub mod metrics;
 pub mod model;
+pub mod schedule;
 pub mod server;
 pub mod store;
 

@@ -27,6 +27,11 @@ pub struct JobsMetrics {
     pub run_seconds: Histogram,
     /// `gantry_jobs_ack_seconds`: time to commit an ack.
     pub ack_seconds: Histogram,
+    /// `gantry_jobs_schedule_fired_total{schedule}`: jobs enqueued by cron schedules.
+    pub schedule_fired: IntCounterVec,
+    /// `gantry_jobs_schedule_late_total{schedule}`: due checks that found ticks missed (the
+    /// server was down or stalled): coalesced into one job, or dropped under misfire `skip`.
+    pub schedule_late: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -56,6 +61,19 @@ impl JobsMetrics {
         registry.register(Box::new(depth.clone()))?;
         let workers = IntGauge::new("gantry_jobs_workers", "Connected worker streams.")?;
         registry.register(Box::new(workers.clone()))?;
+        let per_schedule = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["schedule"])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let schedule_fired = per_schedule(
+            "gantry_jobs_schedule_fired_total",
+            "Jobs enqueued by cron schedules.",
+        )?;
+        let schedule_late = per_schedule(
+            "gantry_jobs_schedule_late_total",
+            "Schedule checks that found ticks missed.",
+        )?;
         Ok(Self {
             enqueued: counter("gantry_jobs_enqueued_total", "Jobs created.")?,
             started: counter("gantry_jobs_started_total", "Attempts handed to workers.")?,
@@ -74,6 +92,8 @@ impl JobsMetrics {
             )?,
             run_seconds: histogram("gantry_jobs_run_seconds", "From attempt start to outcome.")?,
             ack_seconds: histogram("gantry_jobs_ack_seconds", "Time to commit an ack.")?,
+            schedule_fired,
+            schedule_late,
         })
     }
 

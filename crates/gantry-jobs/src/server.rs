@@ -19,6 +19,8 @@ use crate::proto::gantry::jobs::v1::jobs_server::JobsServer;
 use crate::proto::reseolio_server::ReseolioServer;
 use crate::store::Store;
 
+/// How often finished jobs past their retention are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// How often the queue-depth gauges are refreshed.
 const DEPTH_EVERY: Duration = Duration::from_secs(5);
 
@@ -55,9 +57,16 @@ pub async fn serve<S: Store>(
         let engine = engine.clone();
         let stop = loop_stop.clone();
         tokio::spawn(async move {
+            let mut last_purge: Option<tokio::time::Instant> = None;
             loop {
                 if let Err(e) = engine.refresh_depth().await {
                     tracing::warn!(error = %e, "cannot refresh queue depth");
+                }
+                if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
+                    if let Err(e) = engine.purge_expired().await {
+                        tracing::warn!(error = %e, "cannot purge finished jobs");
+                    }
+                    last_purge = Some(tokio::time::Instant::now());
                 }
                 tokio::select! {
                     () = stop.cancelled() => break,

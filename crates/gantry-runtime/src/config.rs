@@ -55,6 +55,15 @@ postgres_schema = "gantry_jobs"
 # SQLite commit durability: "full" fsyncs every commit (survives power loss); "normal" survives a
 # process crash but may lose the last commits on power loss. Ignored for PostgreSQL.
 sync = "full"
+# Finished jobs (success, dead, cancelled) are deleted this long after they finished, which also
+# ends their idempotency keys. "0s" keeps them forever.
+retention = "7d"
+
+[jobs.queues]
+# Most jobs of a queue running at once, across every worker (and every server sharing one
+# PostgreSQL database). Jobs name their queue when enqueued ("default" otherwise); queues not
+# listed here are unlimited. For example:
+# emails = 5
 
 [shutdown]
 # After SIGINT or SIGTERM, running components drain in order (last started, first stopped).
@@ -97,6 +106,11 @@ pub struct JobsConfig {
     pub postgres_schema: String,
     /// SQLite commit durability.
     pub sync: SyncMode,
+    /// How long finished jobs are kept; zero keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Concurrency limit per named queue.
+    pub queues: std::collections::BTreeMap<String, u32>,
 }
 
 impl Default for JobsConfig {
@@ -107,6 +121,8 @@ impl Default for JobsConfig {
             database: "gantry-data/jobs.db".to_owned(),
             postgres_schema: "gantry_jobs".to_owned(),
             sync: SyncMode::Full,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            queues: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -550,6 +566,19 @@ mod tests {
         assert_eq!(c.admin.listen, "127.0.0.1:2000".parse().unwrap());
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.shutdown.deadline, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn queue_limits_from_file_and_env() {
+        let c = load("[jobs.queues]\nemails = 5\n", &[]).unwrap();
+        assert_eq!(c.jobs.queues.get("emails"), Some(&5));
+        let c = load("", &[("GANTRY_JOBS_QUEUES", "{ sms = 2, push = 0 }")]).unwrap();
+        assert_eq!(c.jobs.queues.len(), 2);
+        check_err(
+            "[jobs.queues]\nemails = -1\n",
+            &[],
+            "gantry.toml:2:10: jobs.queues.emails:",
+        );
     }
 
     #[test]

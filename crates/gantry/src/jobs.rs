@@ -1,7 +1,7 @@
 //! Wiring of the jobs system: opening its store and starting its server under the supervisor.
 
 use anyhow::Context as _;
-use gantry_jobs::engine::Engine;
+use gantry_jobs::engine::{Engine, EngineOptions};
 use gantry_jobs::metrics::JobsMetrics;
 use gantry_jobs::server;
 use gantry_jobs::store::Store;
@@ -20,6 +20,10 @@ pub async fn start(
 ) -> anyhow::Result<()> {
     let ready = readiness.register("jobs");
     let metrics = JobsMetrics::register(registry).context("cannot register jobs metrics")?;
+    let engine_options = EngineOptions {
+        queue_limits: std::sync::Arc::new(config.queues.clone()),
+        retention: (!config.retention.is_zero()).then_some(config.retention),
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot bind the jobs server to {}", config.listen))?;
@@ -33,7 +37,11 @@ pub async fn start(
                     config.postgres_schema
                 )
             })?;
-        spawn(Engine::new(store, metrics), listener, supervisor);
+        spawn(
+            Engine::with_options(store, metrics, engine_options),
+            listener,
+            supervisor,
+        );
         tracing::info!(%addr, schema = %config.postgres_schema, "jobs server listening (PostgreSQL)");
         ready.set_ready();
         return Ok(());
@@ -48,7 +56,11 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(options))
         .await?
         .with_context(|| format!("cannot open the jobs database {}", config.database))?;
-    spawn(Engine::new(store, metrics), listener, supervisor);
+    spawn(
+        Engine::with_options(store, metrics, engine_options),
+        listener,
+        supervisor,
+    );
     tracing::info!(%addr, database = %config.database, "jobs server listening");
     ready.set_ready();
     Ok(())

@@ -73,8 +73,15 @@ enum Command {
     Observer(NotBuilt),
     /// Device fleet rollouts (not built yet).
     Fleet(NotBuilt),
-    /// Load benchmarks of the systems (not built yet).
-    Bench(NotBuilt),
+    /// Load benchmarks: drive a running server and judge the seed's pass criteria.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// A job-queue scenario against any server speaking Reseolio's contract (gantry or Reseolio).
+    Jobs(gantry_bench::jobs::JobsBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +182,9 @@ enum JobsCommand {
         #[arg(long = "status", value_name = "STATUS", value_parser = jobs_cli::parse_status)]
         statuses: Vec<gantry_jobs::proto::JobStatus>,
     },
+    /// Cron schedules: each tick of a schedule enqueues one job named after it.
+    #[command(subcommand)]
+    Schedules(jobs_cli::SchedulesCommand),
 }
 
 /// How a CLI command reaches the jobs server.
@@ -243,7 +253,7 @@ fn main() -> ExitCode {
         Command::Search(_) => not_built("search"),
         Command::Observer(_) => not_built("observer"),
         Command::Fleet(_) => not_built("fleet"),
-        Command::Bench(_) => not_built("bench"),
+        Command::Bench(BenchCommand::Jobs(args)) => run(gantry_bench::jobs::run(args)),
     };
     ExitCode::from(code)
 }
@@ -307,6 +317,7 @@ fn jobs_client(command: JobsCommand) -> u8 {
                     let channel = jobs_cli::connect(&client.server).await?;
                     jobs_cli::purge(channel, older_than, statuses, client.json).await
                 }
+                JobsCommand::Schedules(command) => jobs_cli::schedules(command).await,
             }
         }
         .await;

@@ -45,7 +45,7 @@
 //! the same row lock and, when it names an attempt, only to that attempt (a worker still running
 //! after its lease expired is the at-least-once case; its fenced ack is rejected as stale).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -55,8 +55,14 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 
-use super::{ClaimRequest, Enqueued, JobError, ListFilter, ListOrder, Stats, Store, StoreError};
+use super::{
+    ClaimRequest, Enqueued, JobError, ListFilter, ListOrder, QueueLimits, Stats, Store, StoreError,
+};
+use super::{FireReport, ScheduleError, ScheduleFilter};
 use crate::machine::{self, AckEffect, CancelEffect};
+use crate::schedule::{NewSchedule, Schedule, ScheduleChange};
+
+mod schedules;
 use crate::model::{
     Ack, Job, JobOptions, MAX_PRIORITY, Millis, NewJob, Outcome, Status, backoff_name,
     parse_backoff,
@@ -210,6 +216,7 @@ fn sql(s: &str, q: Q) -> String {
         ),
         Q::ClaimAny => format!(
             "SELECT {COLUMNS} FROM {s}.jobs WHERE status = 1 AND run_at <= $1 \
+             AND NOT (queue = ANY($3::text[])) \
              ORDER BY priority, run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
         ),
         // Each name's own index range, in claim order, merged: a deep backlog of other names
@@ -222,6 +229,7 @@ fn sql(s: &str, q: Q) -> String {
                CROSS JOIN LATERAL ( \
                  SELECT j.id, j.priority, j.run_at FROM {s}.jobs AS j \
                  WHERE j.status = 1 AND j.name = n.name AND j.run_at <= $1 \
+                 AND NOT (j.queue = ANY($4::text[])) \
                  ORDER BY j.priority, j.run_at, j.id LIMIT $3 FOR UPDATE SKIP LOCKED) AS c \
                ORDER BY c.priority, c.run_at, c.id LIMIT $3) \
              ORDER BY priority, run_at, id FOR UPDATE"
@@ -251,14 +259,17 @@ fn sql(s: &str, q: Q) -> String {
                (SELECT MIN(lease_until) FROM {s}.jobs WHERE status = 2), \
                (SELECT MIN(p.at) FROM generate_series(0, {MAX_PRIORITY}) AS g(priority) \
                 CROSS JOIN LATERAL (SELECT MIN(run_at) AS at FROM {s}.jobs \
-                  WHERE status = 1 AND priority = g.priority AND run_at > $1) AS p))"
+                  WHERE status = 1 AND priority = g.priority AND run_at > $1) AS p), \
+               (SELECT MIN(next_run_at) FROM {s}.schedules \
+                WHERE status = 1 AND next_run_at > $1))"
         ),
     }
 }
 
 /// Versioned migrations; `{schema}` is replaced by the quoted schema name. Never edit one that
 /// has shipped: append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE {schema}.jobs (
     id               TEXT COLLATE "C" PRIMARY KEY,
     name             TEXT    NOT NULL,
@@ -292,9 +303,12 @@ CREATE INDEX jobs_leases ON {schema}.jobs (lease_until) WHERE status = 2;
 CREATE INDEX jobs_created ON {schema}.jobs (created_at);
 CREATE INDEX jobs_finished ON {schema}.jobs (completed_at) WHERE completed_at IS NOT NULL;
 CREATE INDEX jobs_status_name ON {schema}.jobs (status, name);
-"#, r#"
+"#,
+    r#"
 ALTER TABLE {schema}.jobs ADD COLUMN attempt_base BIGINT NOT NULL DEFAULT 0;
-"#];
+"#,
+    schedules::MIGRATION,
+];
 
 /// One pooled connection and the statements it has prepared.
 struct Conn {
@@ -869,8 +883,44 @@ async fn claim(
     tx: &Transaction<'_>,
     prepared: &mut Prepared<'_>,
     requests: Vec<ClaimRequest>,
+    limits: &QueueLimits,
     now: Millis,
 ) -> Result<Vec<Vec<Job>>, StoreError> {
+    let schema = prepared.schema.to_owned();
+    // Free slots of every limited queue. Claims on limited queues are serialised across servers
+    // by a transaction-scoped advisory lock per queue (taken in name order, so never in a cycle),
+    // so two servers cannot both see the last free slot.
+    let mut free: BTreeMap<String, u32> = BTreeMap::new();
+    if !limits.is_empty() {
+        let queues: Vec<&str> = limits.keys().map(String::as_str).collect();
+        for queue in &queues {
+            let key = format!("gantry_jobs_queue:{schema}:{queue}");
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
+                .await
+                .map_err(db_err)?;
+        }
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT queue, COUNT(*) FROM {schema}.jobs WHERE status = 2 \
+                     AND queue = ANY($1::text[]) GROUP BY queue"
+                ),
+                &[&queues],
+            )
+            .await
+            .map_err(db_err)?;
+        let mut running: HashMap<String, i64> = HashMap::new();
+        for row in rows {
+            running.insert(
+                row.try_get(0).map_err(db_err)?,
+                row.try_get(1).map_err(db_err)?,
+            );
+        }
+        for (queue, &limit) in limits.iter() {
+            let used = u32::try_from(running.get(queue).copied().unwrap_or(0)).unwrap_or(u32::MAX);
+            free.insert(queue.clone(), limit.saturating_sub(used));
+        }
+    }
     let mut out = Vec::with_capacity(requests.len());
     for req in requests {
         let names: Vec<&str> = req
@@ -884,23 +934,52 @@ async fn claim(
             out.push(Vec::new());
             continue;
         }
-        let limit = to_i64(req.limit);
-        let rows = if names.is_empty() {
-            let statement = prepared.get(tx, Q::ClaimAny).await?;
-            tx.query(&statement, &[&now, &limit]).await
-        } else {
-            let statement = prepared.get(tx, Q::ClaimNamed).await?;
-            tx.query(&statement, &[&now, &names, &limit]).await
-        }
-        .map_err(db_err)?;
-        let mut jobs = rows_to_jobs(&rows)?;
         let worker = pg_text(req.worker_id);
-        for job in &mut jobs {
-            machine::claim(job, &worker, now)
-                .map_err(|e| StoreError::Database(format!("claim of a due job refused: {e}")))?;
+        let mut taken: Vec<Job> = Vec::new();
+        // Candidates from a queue that fills up are skipped; look again without that queue
+        // until the request is full or nothing more is due.
+        while taken.len() < req.limit {
+            let excluded: Vec<&str> = free
+                .iter()
+                .filter(|(_, n)| **n == 0)
+                .map(|(q, _)| q.as_str())
+                .collect();
+            let limit = to_i64(req.limit - taken.len());
+            let rows = if names.is_empty() {
+                let statement = prepared.get(tx, Q::ClaimAny).await?;
+                tx.query(&statement, &[&now, &limit, &excluded]).await
+            } else {
+                let statement = prepared.get(tx, Q::ClaimNamed).await?;
+                tx.query(&statement, &[&now, &names, &limit, &excluded])
+                    .await
+            }
+            .map_err(db_err)?;
+            let candidates = rows_to_jobs(&rows)?;
+            if candidates.is_empty() {
+                break;
+            }
+            let mut skipped = false;
+            let mut jobs = Vec::with_capacity(candidates.len());
+            for mut job in candidates {
+                if let Some(n) = free.get_mut(&job.queue) {
+                    if *n == 0 {
+                        skipped = true;
+                        continue;
+                    }
+                    *n -= 1;
+                }
+                machine::claim(&mut job, &worker, now).map_err(|e| {
+                    StoreError::Database(format!("claim of a due job refused: {e}"))
+                })?;
+                jobs.push(job);
+            }
+            save(tx, prepared, &jobs.iter().collect::<Vec<_>>()).await?;
+            taken.extend(jobs);
+            if !skipped {
+                break;
+            }
         }
-        save(tx, prepared, &jobs.iter().collect::<Vec<_>>()).await?;
-        out.push(jobs);
+        out.push(taken);
     }
     Ok(out)
 }
@@ -1037,6 +1116,7 @@ impl Store for PostgresStore {
     async fn claim(
         &self,
         requests: Vec<ClaimRequest>,
+        limits: QueueLimits,
         now: Millis,
     ) -> Result<Vec<Vec<Job>>, StoreError> {
         if requests.iter().all(|r| r.limit == 0) {
@@ -1046,6 +1126,7 @@ impl Store for PostgresStore {
             &tx,
             &mut prepared,
             requests,
+            &limits,
             now
         )
         .await)
@@ -1226,5 +1307,53 @@ impl Store for PostgresStore {
             .map_err(db_err)?
             .try_get(0)
             .map_err(db_err)
+    }
+
+    async fn create_schedule(
+        &self,
+        new: NewSchedule,
+        now: Millis,
+    ) -> Result<Result<Schedule, ScheduleError>, StoreError> {
+        let schema = self.inner.schema.clone();
+        in_transaction!(self, |tx, _prepared| {
+            schedules::create(&tx, &schema, new, now).await
+        })
+    }
+
+    async fn get_schedule(&self, id_or_name: String) -> Result<Option<Schedule>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (client, _) = conn.parts()?;
+        schedules::load(&*client, &self.inner.schema, &id_or_name, false).await
+    }
+
+    async fn list_schedules(
+        &self,
+        filter: ScheduleFilter,
+    ) -> Result<(Vec<Schedule>, u64), StoreError> {
+        let mut conn = self.conn().await?;
+        let (client, _) = conn.parts()?;
+        schedules::list(&*client, &self.inner.schema, &filter).await
+    }
+
+    async fn change_schedule(
+        &self,
+        id_or_name: String,
+        change: ScheduleChange,
+        now: Millis,
+    ) -> Result<Result<Schedule, ScheduleError>, StoreError> {
+        let schema = self.inner.schema.clone();
+        in_transaction!(self, |tx, _prepared| {
+            schedules::change(&tx, &schema, id_or_name, change, now).await
+        })
+    }
+
+    async fn fire_due_schedules(
+        &self,
+        now: Millis,
+        limit: usize,
+    ) -> Result<FireReport, StoreError> {
+        in_transaction!(self, |tx, prepared| {
+            schedules::fire_due(&tx, &mut prepared, now, limit).await
+        })
     }
 }

@@ -12,6 +12,7 @@
 //!
 //! **Invariant:** a command's reply is sent only after the transaction holding it committed.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,8 +24,14 @@ use rusqlite::{
 };
 use tokio::sync::oneshot;
 
+use super::{FireReport, ScheduleError, ScheduleFilter};
+use crate::schedule::{NewSchedule, Schedule, ScheduleChange};
+
+mod schedules;
+
 use super::{
-    AckResults, ClaimRequest, Enqueued, JobError, ListFilter, ListOrder, Stats, Store, StoreError,
+    AckResults, ClaimRequest, Enqueued, JobError, ListFilter, ListOrder, QueueLimits, Stats, Store,
+    StoreError,
 };
 use crate::machine::{self, AckEffect, CancelEffect};
 use crate::model::{
@@ -75,7 +82,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Command {
     Enqueue(Vec<NewJob>, Millis, Reply<Vec<Enqueued>>),
-    Claim(Vec<ClaimRequest>, Millis, Reply<Vec<Vec<Job>>>),
+    Claim(Vec<ClaimRequest>, QueueLimits, Millis, Reply<Vec<Vec<Job>>>),
     Ack(Vec<Ack>, Millis, Reply<AckResults>),
     Abandon(
         Vec<(String, u32)>,
@@ -93,6 +100,14 @@ enum Command {
     Cancel(String, Millis, Reply<Result<(Job, CancelEffect), JobError>>),
     Retry(String, Millis, Reply<Result<Job, JobError>>),
     Purge(Millis, Vec<Status>, Reply<u64>),
+    CreateSchedule(NewSchedule, Millis, Reply<Result<Schedule, ScheduleError>>),
+    ChangeSchedule(
+        String,
+        ScheduleChange,
+        Millis,
+        Reply<Result<Schedule, ScheduleError>>,
+    ),
+    FireSchedules(Millis, usize, Reply<FireReport>),
 }
 
 /// The SQLite job store. Cloning shares it.
@@ -103,7 +118,8 @@ pub struct SqliteStore {
     path: Arc<PathBuf>,
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     seq              INTEGER PRIMARY KEY,
     id               TEXT    NOT NULL UNIQUE,
@@ -138,9 +154,36 @@ CREATE INDEX jobs_leases ON jobs (lease_until) WHERE status = 2;
 CREATE INDEX jobs_created ON jobs (created_at);
 CREATE INDEX jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
 CREATE INDEX jobs_status_name ON jobs (status, name);
-"#, r#"
+"#,
+    r#"
 ALTER TABLE jobs ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0;
-"#];
+"#,
+    r#"
+CREATE TABLE schedules (
+    seq              INTEGER PRIMARY KEY,
+    id               TEXT    NOT NULL UNIQUE,
+    name             TEXT    NOT NULL,
+    cron             TEXT    NOT NULL,
+    timezone         TEXT    NOT NULL,
+    misfire          TEXT    NOT NULL,
+    status           INTEGER NOT NULL,
+    args             BLOB    NOT NULL,
+    max_attempts     INTEGER NOT NULL,
+    backoff          TEXT    NOT NULL,
+    initial_delay_ms INTEGER NOT NULL,
+    max_delay_ms     INTEGER NOT NULL,
+    multiplier       REAL    NOT NULL,
+    jitter           REAL    NOT NULL,
+    timeout_ms       INTEGER NOT NULL,
+    next_run_at      INTEGER,
+    last_run_at      INTEGER,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX schedules_name ON schedules (name) WHERE status <> 3;
+CREATE INDEX schedules_due ON schedules (next_run_at) WHERE status = 1;
+"#,
+];
 
 const COLUMNS: &str = "id, name, queue, priority, args, max_attempts, backoff, initial_delay_ms, \
     max_delay_ms, multiplier, jitter, timeout_ms, idempotency_key, status, attempt, error, result, \
@@ -194,7 +237,7 @@ impl SqliteStore {
         match writer.try_send(command) {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(command)) => {
-                tokio::task::spawn_blocking(move || writer.send(command))
+                tokio::task::spawn_blocking(move || writer.send(command).map_err(|_| ()))
                     .await
                     .map_err(|_| StoreError::Closed)?
                     .map_err(|_| StoreError::Closed)?;
@@ -315,7 +358,7 @@ fn fail_command(command: Command) -> Pending {
     }
     match command {
         Command::Enqueue(_, _, tx) => fail(tx),
-        Command::Claim(_, _, tx) => fail(tx),
+        Command::Claim(_, _, _, tx) => fail(tx),
         Command::Ack(_, _, tx) => fail(tx),
         Command::Abandon(_, _, _, tx) => fail(tx),
         Command::Expire(_, tx) => fail(tx),
@@ -323,6 +366,9 @@ fn fail_command(command: Command) -> Pending {
         Command::Cancel(_, _, tx) => fail(tx),
         Command::Retry(_, _, tx) => fail(tx),
         Command::Purge(_, _, tx) => fail(tx),
+        Command::CreateSchedule(_, _, tx) => fail(tx),
+        Command::ChangeSchedule(_, _, _, tx) => fail(tx),
+        Command::FireSchedules(_, _, tx) => fail(tx),
     }
 }
 
@@ -352,7 +398,9 @@ fn run_command(tx: &mut Transaction<'_>, command: Command) -> Pending {
     }
     match command {
         Command::Enqueue(jobs, now, reply) => answer(tx, reply, |t| enqueue(t, jobs, now)),
-        Command::Claim(reqs, now, reply) => answer(tx, reply, |t| claim(t, &reqs, now)),
+        Command::Claim(reqs, limits, now, reply) => {
+            answer(tx, reply, |t| claim(t, &reqs, &limits, now))
+        }
         Command::Ack(acks, now, reply) => answer(tx, reply, |t| ack(t, acks, now)),
         Command::Abandon(attempts, reason, now, reply) => {
             answer(tx, reply, |t| abandon(t, attempts, &reason, now))
@@ -385,6 +433,15 @@ fn run_command(tx: &mut Transaction<'_>, command: Command) -> Pending {
         }),
         Command::Purge(before, statuses, reply) => {
             answer(tx, reply, |t| purge(t, before, &statuses))
+        }
+        Command::CreateSchedule(new, now, reply) => {
+            answer(tx, reply, |t| schedules::create(t, new, now))
+        }
+        Command::ChangeSchedule(key, change, now, reply) => {
+            answer(tx, reply, |t| schedules::change(t, key, change, now))
+        }
+        Command::FireSchedules(now, limit, reply) => {
+            answer(tx, reply, |t| schedules::fire_due(t, now, limit))
         }
     }
 }
@@ -571,9 +628,19 @@ fn due(
     conn: &Connection,
     names: &[String],
     limit: usize,
+    excluded: &[&str],
     now: Millis,
 ) -> Result<Vec<Job>, StoreError> {
     let mut out: Vec<Job> = Vec::new();
+    // Queues at their concurrency limit; the values are bound after the fixed parameters.
+    let not_in = if excluded.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "AND queue NOT IN ({})",
+            vec!["?"; excluded.len()].join(", ")
+        )
+    };
     let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
     // One query per distinct name: a name listed twice would return its jobs twice.
     let mut names: Vec<&String> = names.iter().collect();
@@ -585,24 +652,32 @@ fn due(
             break;
         }
         let mut level = if names.is_empty() {
+            let mut values: Vec<rusqlite::types::Value> =
+                vec![i64::from(priority).into(), now.into()];
+            values.extend(excluded.iter().map(|q| q.to_string().into()));
+            values.push(limit_i.into());
             query_jobs(
                 conn,
                 &format!(
-                    "SELECT {COLUMNS} FROM jobs WHERE status = 1 AND priority = ?1 AND run_at <= ?2 \
-                     ORDER BY run_at, seq LIMIT ?3"
+                    "SELECT {COLUMNS} FROM jobs WHERE status = 1 AND priority = ? AND run_at <= ? \
+                     {not_in} ORDER BY run_at, seq LIMIT ?"
                 ),
-                params![priority, now, limit_i],
+                params_from_iter(values),
             )?
         } else {
             let mut level = Vec::new();
             for &name in &names {
+                let mut values: Vec<rusqlite::types::Value> =
+                    vec![name.clone().into(), i64::from(priority).into(), now.into()];
+                values.extend(excluded.iter().map(|q| q.to_string().into()));
+                values.push(limit_i.into());
                 level.extend(query_jobs(
                     conn,
                     &format!(
-                        "SELECT {COLUMNS} FROM jobs WHERE status = 1 AND name = ?1 AND priority = ?2 \
-                         AND run_at <= ?3 ORDER BY run_at, seq LIMIT ?4"
+                        "SELECT {COLUMNS} FROM jobs WHERE status = 1 AND name = ? AND priority = ? \
+                         AND run_at <= ? {not_in} ORDER BY run_at, seq LIMIT ?"
                     ),
-                    params![name, priority, now, limit_i],
+                    params_from_iter(values),
                 )?);
             }
             // Ids are UUIDv7: within one millisecond of run time they order by creation.
@@ -618,21 +693,61 @@ fn due(
 fn claim(
     tx: &Connection,
     requests: &[ClaimRequest],
+    limits: &QueueLimits,
     now: Millis,
 ) -> Result<Vec<Vec<Job>>, StoreError> {
+    // Free slots of every queue with a concurrency limit.
+    let mut free: BTreeMap<&str, u32> = BTreeMap::new();
+    if !limits.is_empty() {
+        let mut stmt = tx
+            .prepare_cached("SELECT queue, COUNT(*) FROM jobs WHERE status = 2 GROUP BY queue")
+            .map_err(db_err)?;
+        let running: HashMap<String, i64> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db_err)?
+            .collect::<Result<_, _>>()
+            .map_err(db_err)?;
+        for (queue, &limit) in limits.iter() {
+            let used = running.get(queue).copied().unwrap_or(0);
+            let used = u32::try_from(used).unwrap_or(u32::MAX);
+            free.insert(queue.as_str(), limit.saturating_sub(used));
+        }
+    }
     let mut out = Vec::with_capacity(requests.len());
     for req in requests {
-        if req.limit == 0 {
-            out.push(Vec::new());
-            continue;
+        let mut taken: Vec<Job> = Vec::new();
+        // Candidates from a queue that fills up are skipped; look again without that queue
+        // until the request is full or nothing more is due.
+        while taken.len() < req.limit {
+            let excluded: Vec<&str> = free
+                .iter()
+                .filter(|(_, n)| **n == 0)
+                .map(|(q, _)| *q)
+                .collect();
+            let candidates = due(tx, &req.names, req.limit - taken.len(), &excluded, now)?;
+            if candidates.is_empty() {
+                break;
+            }
+            let mut skipped = false;
+            for mut job in candidates {
+                if let Some(n) = free.get_mut(job.queue.as_str()) {
+                    if *n == 0 {
+                        skipped = true;
+                        continue;
+                    }
+                    *n -= 1;
+                }
+                machine::claim(&mut job, &req.worker_id, now).map_err(|e| {
+                    StoreError::Database(format!("claim of a due job refused: {e}"))
+                })?;
+                save(tx, &job)?;
+                taken.push(job);
+            }
+            if !skipped {
+                break;
+            }
         }
-        let mut jobs = due(tx, &req.names, req.limit, now)?;
-        for job in &mut jobs {
-            machine::claim(job, &req.worker_id, now)
-                .map_err(|e| StoreError::Database(format!("claim of a due job refused: {e}")))?;
-            save(tx, job)?;
-        }
-        out.push(jobs);
+        out.push(taken);
     }
     Ok(out)
 }
@@ -753,9 +868,11 @@ impl Store for SqliteStore {
     async fn claim(
         &self,
         requests: Vec<ClaimRequest>,
+        limits: QueueLimits,
         now: Millis,
     ) -> Result<Vec<Vec<Job>>, StoreError> {
-        self.write(|r| Command::Claim(requests, now, r)).await
+        self.write(|r| Command::Claim(requests, limits, now, r))
+            .await
     }
 
     async fn ack(&self, acks: Vec<Ack>, now: Millis) -> Result<AckResults, StoreError> {
@@ -852,9 +969,50 @@ impl Store for SqliteStore {
                     (a, b) => a.or(b),
                 };
             }
-            Ok(next)
+            let tick = schedules::next_due(c, now)?;
+            Ok(match (next, tick) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            })
         })
         .await
+    }
+
+    async fn create_schedule(
+        &self,
+        new: NewSchedule,
+        now: Millis,
+    ) -> Result<Result<Schedule, ScheduleError>, StoreError> {
+        self.write(|r| Command::CreateSchedule(new, now, r)).await
+    }
+
+    async fn get_schedule(&self, id_or_name: String) -> Result<Option<Schedule>, StoreError> {
+        self.read(move |c| schedules::load(c, &id_or_name)).await
+    }
+
+    async fn list_schedules(
+        &self,
+        filter: ScheduleFilter,
+    ) -> Result<(Vec<Schedule>, u64), StoreError> {
+        self.read(move |c| schedules::list(c, &filter)).await
+    }
+
+    async fn change_schedule(
+        &self,
+        id_or_name: String,
+        change: ScheduleChange,
+        now: Millis,
+    ) -> Result<Result<Schedule, ScheduleError>, StoreError> {
+        self.write(|r| Command::ChangeSchedule(id_or_name, change, now, r))
+            .await
+    }
+
+    async fn fire_due_schedules(
+        &self,
+        now: Millis,
+        limit: usize,
+    ) -> Result<FireReport, StoreError> {
+        self.write(|r| Command::FireSchedules(now, limit, r)).await
     }
 }
 

@@ -33,8 +33,19 @@ impl Server {
     }
 
     async fn start_in(dir: std::path::PathBuf) -> Self {
+        Self::start_with(dir, Default::default()).await
+    }
+
+    pub async fn start_with(
+        dir: std::path::PathBuf,
+        limits: gantry_jobs::store::QueueLimits,
+    ) -> Self {
         let store = SqliteStore::open(SqliteOptions::new(dir.join("jobs.db"))).unwrap();
-        let engine = Engine::new(store, JobsMetrics::unregistered().unwrap());
+        let options = gantry_jobs::engine::EngineOptions {
+            queue_limits: limits,
+            ..Default::default()
+        };
+        let engine = Engine::with_options(store, JobsMetrics::unregistered().unwrap(), options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -287,7 +298,10 @@ async fn failures_retry_with_backoff_then_dead_then_retry_job_revives() {
     assert!(revived.success, "{}", revived.message);
     let job = w.next().await;
     // The counter keeps growing across the revival, so acks for attempts 1 and 2 stay stale.
-    assert_eq!((job.id.as_str(), job.attempt, job.max_attempts), (id.as_str(), 3, 2));
+    assert_eq!(
+        (job.id.as_str(), job.attempt, job.max_attempts),
+        (id.as_str(), 3, 2)
+    );
 
     let again = client
         .retry_job(proto::RetryRequest { job_id: id.clone() })
@@ -382,6 +396,48 @@ async fn concurrency_limits_pushes_until_acks_free_capacity() {
     let c = w.next().await;
     assert!(c.id != a.id && c.id != b.id);
     w.nothing_for(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn queue_limits_hold_across_workers() {
+    let dir = std::env::temp_dir().join(format!("gantry-jobs-grpc-q-{}", uuid::Uuid::now_v7()));
+    let limits = std::sync::Arc::new([("mail".to_owned(), 1)].into_iter().collect());
+    let server = Server::start_with(dir, limits).await;
+    let mut client = server.client().await;
+    let mut a = worker(&mut client, &["send"], 10).await;
+    let mut b = worker(&mut client, &["send"], 10).await;
+    for _ in 0..3 {
+        let mut r = enqueue("send", "[]");
+        r.queue = "mail".into();
+        client.enqueue_job(r).await.unwrap();
+    }
+    let mut other = enqueue("send", r#""other""#);
+    other.queue = "bulk".into();
+    client.enqueue_job(other).await.unwrap();
+    // One mail job and the bulk job start; the other mail jobs wait for the first to finish.
+    let mut started = Vec::new();
+    let window = tokio::time::sleep(Duration::from_millis(600));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            () = &mut window => break,
+            Some(Ok(j)) = a.jobs.next() => started.push(j),
+            Some(Ok(j)) = b.jobs.next() => started.push(j),
+        }
+    }
+    let mail: Vec<&proto::Job> = started.iter().filter(|j| j.queue == "mail").collect();
+    assert_eq!(mail.len(), 1, "{started:?}");
+    assert_eq!(started.len(), 2, "{started:?}");
+    client
+        .ack_job(ack(&mail[0].id, mail[0].attempt, true, "1"))
+        .await
+        .unwrap();
+    let next = tokio::select! {
+        j = a.next() => j,
+        j = b.next() => j,
+    };
+    assert_eq!(next.queue, "mail");
     server.shutdown().await;
 }
 
@@ -621,7 +677,8 @@ async fn bad_input_gets_clear_statuses() {
         .create_schedule(proto::CreateScheduleRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("name:"), "{}", e.message());
     // Nothing was stored by any of it.
     let all = client
         .list_jobs(proto::ListJobsRequest::default())
@@ -664,4 +721,39 @@ async fn shutdown_ends_worker_streams_with_unavailable_and_keeps_attempts() {
         .into_inner();
     assert_eq!(resp.new_status, JobStatus::Success as i32);
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn retention_purges_only_finished_jobs_past_it() {
+    let dir = std::env::temp_dir().join(format!("gantry-jobs-ret-{}", uuid::Uuid::now_v7()));
+    let store = SqliteStore::open(SqliteOptions::new(dir.join("jobs.db"))).unwrap();
+    let options = gantry_jobs::engine::EngineOptions {
+        retention: Some(Duration::from_millis(50)),
+        ..Default::default()
+    };
+    let engine = Engine::with_options(store, JobsMetrics::unregistered().unwrap(), options);
+    let new = |name: &str| gantry_jobs::model::NewJob {
+        name: name.into(),
+        queue: gantry_jobs::model::DEFAULT_QUEUE.into(),
+        priority: 0,
+        args: b"[]".to_vec(),
+        options: Default::default(),
+        idempotency_key: None,
+        run_at: gantry_jobs::model::now_millis(),
+    };
+    let out = engine.enqueue(vec![new("a"), new("b")]).await.unwrap();
+    engine.cancel(out[0].id.clone()).await.unwrap().unwrap();
+    assert_eq!(
+        engine.purge_expired().await.unwrap(),
+        0,
+        "not old enough yet"
+    );
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(engine.purge_expired().await.unwrap(), 1);
+    assert!(engine.get(out[0].id.clone()).await.unwrap().is_none());
+    assert!(
+        engine.get(out[1].id.clone()).await.unwrap().is_some(),
+        "pending jobs stay"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

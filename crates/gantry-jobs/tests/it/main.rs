@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod grpc;
+mod schedules;
 mod store;
 mod work;

@@ -18,7 +18,9 @@ use gantry_jobs::machine::{AckEffect, CancelEffect, Rejection};
 use gantry_jobs::model::{Ack, DEFAULT_QUEUE, Job, JobOptions, Millis, NewJob, Outcome, Status};
 use gantry_jobs::store::postgres::PostgresStore;
 use gantry_jobs::store::sqlite::{SqliteOptions, SqliteStore};
-use gantry_jobs::store::{ClaimRequest, JobError, ListFilter, ListOrder, Store, StoreError};
+use gantry_jobs::store::{
+    ClaimRequest, JobError, ListFilter, ListOrder, QueueLimits, Store, StoreError,
+};
 use gantry_runtime::retry::{Backoff, RetryPolicy};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -229,6 +231,10 @@ fn ack(id: &str, attempt: Option<u32>, outcome: Outcome) -> Ack {
     }
 }
 
+fn no_limits() -> QueueLimits {
+    QueueLimits::default()
+}
+
 async fn add<S: Store>(s: &S, j: NewJob) -> String {
     add_at(s, j, T0).await
 }
@@ -240,7 +246,7 @@ async fn add_at<S: Store>(s: &S, j: NewJob, now: Millis) -> String {
 }
 
 async fn take<S: Store>(s: &S, names: &[&str], limit: usize, now: Millis) -> Vec<Job> {
-    s.claim(vec![req("w", names, limit)], now)
+    s.claim(vec![req("w", names, limit)], no_limits(), now)
         .await
         .expect("claim")
         .remove(0)
@@ -500,7 +506,12 @@ async fn claim_respects_limits<B: Backend>() {
     for _ in 0..5 {
         add(s, job("a")).await;
     }
-    assert!(s.claim(Vec::new(), T0).await.unwrap().is_empty());
+    assert!(
+        s.claim(Vec::new(), no_limits(), T0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(take(s, &[], 0, T0).await.is_empty());
     assert_eq!(take(s, &[], 2, T0).await.len(), 2);
     assert_eq!(take(s, &[], 10, T0).await.len(), 3);
@@ -523,6 +534,7 @@ async fn claim_requests_in_one_call_never_share_a_job<B: Backend>() {
                 req("w3", &[], 5),
                 req("w4", &[], 5),
             ],
+            no_limits(),
             T0,
         )
         .await
@@ -733,7 +745,10 @@ async fn nul_bytes_in_text_do_not_break_a_batch<B: Backend>() {
     let b = B::new().await;
     let s = b.store();
     let id = add(s, job("a")).await;
-    let claimed = s.claim(vec![req("w\0x", &[], 1)], T0).await.unwrap();
+    let claimed = s
+        .claim(vec![req("w\0x", &[], 1)], no_limits(), T0)
+        .await
+        .unwrap();
     assert_eq!(ids(&claimed[0]), [id.as_str()]);
     let other = add(s, job("a")).await;
     let results = s
@@ -1021,14 +1036,23 @@ async fn retry_revives_only_dead_jobs<B: Backend>() {
     // The attempt counter never goes back (acks from before stay stale); the revived job gets a
     // fresh run of attempts.
     assert_eq!(
-        (j.status, j.attempt, j.attempt_base, j.run_at, j.completed_at),
+        (
+            j.status,
+            j.attempt,
+            j.attempt_base,
+            j.run_at,
+            j.completed_at
+        ),
         (Status::Pending, 1, 1, T0 + 100, None)
     );
     assert_eq!(get(s, &id).await, j);
     assert_eq!(take(s, &[], 1, T0 + 100).await[0].attempt, 2);
     assert_eq!(
         ack_one(s, ack(&id, Some(1), Outcome::Success(vec![])), T0 + 101).await,
-        Err(JobError::Rejected(Rejection::Stale { given: 1, current: 2 }))
+        Err(JobError::Rejected(Rejection::Stale {
+            given: 1,
+            current: 2
+        }))
     );
     assert_eq!(
         s.retry(UNKNOWN.into(), T0).await.unwrap(),
@@ -1261,6 +1285,84 @@ async fn next_wakeup_is_the_earliest_future_event<B: Backend>() {
 // Concurrency
 // ---------------------------------------------------------------------------------------------
 
+/// Queue limits hold across requests, claims and (on PostgreSQL) servers; other queues fill the
+/// room a full queue leaves.
+async fn queue_limits_cap_running_jobs_per_queue<B: Backend>() {
+    let b = B::new().await;
+    let s = b.store();
+    let limits: QueueLimits = std::sync::Arc::new([("mail".to_owned(), 2)].into_iter().collect());
+    let in_queue = |q: &str| NewJob {
+        queue: q.to_owned(),
+        ..job("n")
+    };
+    let batch = (0..6)
+        .map(|_| in_queue("mail"))
+        .chain((0..3).map(|_| in_queue("default")));
+    s.enqueue(batch.collect(), T0).await.unwrap();
+
+    let got = s
+        .claim(vec![req("w", &[], 10)], limits.clone(), T0)
+        .await
+        .unwrap();
+    let queues = |jobs: &[Job], q: &str| jobs.iter().filter(|j| j.queue == q).count();
+    assert_eq!(
+        (queues(&got[0], "mail"), queues(&got[0], "default")),
+        (2, 3)
+    );
+    // Full: nothing more from it, even for another worker.
+    let none = s
+        .claim(vec![req("w2", &[], 10)], limits.clone(), T0)
+        .await
+        .unwrap();
+    assert!(none[0].is_empty(), "{:?}", ids(&none[0]));
+    // One finishes: exactly one more may start.
+    let mail = got[0].iter().find(|j| j.queue == "mail").unwrap();
+    ack_one(s, ack(&mail.id, Some(1), success()), T0 + 1)
+        .await
+        .unwrap();
+    let one = s
+        .claim(vec![req("w", &[], 10)], limits.clone(), T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!((one[0].len(), one[0][0].queue.as_str()), (1, "mail"));
+
+    // Two servers racing for the two free slots take exactly two between them.
+    let running = |s: B::Store| async move {
+        s.list(ListFilter {
+            statuses: vec![Status::Running],
+            limit: 100,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap()
+        .0
+        .into_iter()
+        .filter(|j| j.queue == "mail")
+        .collect::<Vec<_>>()
+    };
+    for j in running(s.clone()).await {
+        ack_one(s, ack(&j.id, Some(1), success()), T0 + 3)
+            .await
+            .unwrap();
+    }
+    let stores = [s.clone(), b.second().await];
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, st) in stores.into_iter().enumerate() {
+        let limits = limits.clone();
+        tasks.spawn(async move {
+            st.claim(vec![req(&format!("r{i}"), &[], 10)], limits, T0 + 4)
+                .await
+                .unwrap()
+        });
+    }
+    let mut taken = 0;
+    while let Some(got) = tasks.join_next().await {
+        taken += got.unwrap()[0].len();
+    }
+    assert_eq!(taken, 2);
+    assert_eq!(running(s.clone()).await.len(), 2);
+}
+
 async fn concurrent_claims_never_share_a_job<B: Backend>() {
     const JOBS: usize = 300;
     let b = B::new().await;
@@ -1288,6 +1390,7 @@ async fn concurrent_claims_never_share_a_job<B: Backend>() {
                             req(&format!("w{t}x"), filter, rand::random_range(1..5)),
                             req(&format!("w{t}y"), &[], rand::random_range(0..3)),
                         ],
+                        no_limits(),
                         T0,
                     )
                     .await
@@ -1633,7 +1736,7 @@ async fn run_model<S: Store>(s: &S, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         limit,
                     })
                     .collect();
-                let got = s.claim(requests.clone(), now).await.unwrap();
+                let got = s.claim(requests.clone(), no_limits(), now).await.unwrap();
                 prop_assert_eq!(got.len(), requests.len());
                 for (r, got) in requests.iter().zip(got) {
                     let mut due: Vec<usize> = (0..jobs.len())
@@ -1931,7 +2034,7 @@ async fn postgres_second_server_sees_everything() {
     let second = b.second().await;
     let (after, _) = second.list(all(100)).await.unwrap();
     assert_eq!(after, before);
-    assert_eq!(migration_versions(&b.url, &b.schema).await, [1, 2]);
+    assert_eq!(migration_versions(&b.url, &b.schema).await, [1, 2, 3]);
 }
 
 /// PostgreSQL: servers starting together on a new schema migrate it once, without errors.
@@ -1952,7 +2055,7 @@ async fn postgres_concurrent_startup_migrates_once() {
     drop(stores);
     drop_schema(&url, &schema);
     assert!(ok, "a concurrent start failed");
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
 }
 
 async fn postgres_rejects_bad_schema_names() {
@@ -2052,6 +2155,7 @@ conformance! {
         claim_order_is_priority_then_run_at_then_enqueue_order,
         claim_filters_by_name,
         claim_respects_limits,
+        queue_limits_cap_running_jobs_per_queue,
         claim_requests_in_one_call_never_share_a_job,
         claim_starts_an_attempt_with_a_lease,
         successful_ack_stores_the_result,
@@ -2083,3 +2187,6 @@ conformance! {
         postgres_rejects_bad_schema_names,
     ],
 }
+
+/// Schedules, instantiated with the macro above.
+mod schedules;

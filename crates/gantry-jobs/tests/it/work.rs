@@ -315,26 +315,36 @@ async fn work_stream_bad_input() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("first message must be Register"));
 
+    // A bad ack is refused on its own; the stream and the other acks carry on.
     let (mut w, _) = connect(&mut jobs, register(&["n"], 1, vec![])).await;
-    w.tx.send(v1::WorkRequest {
-        msg: Some(work_request::Msg::Acks(v1::AckBatch {
-            acks: vec![v1::WorkAck {
+    let results = w
+        .ack(vec![
+            v1::WorkAck {
                 job_id: "x".into(),
                 attempt: 0,
                 success: true,
                 ..Default::default()
-            }],
-        })),
-    })
-    .await
-    .unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(5), w.rx.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("acks[0].attempt"), "{}", e.message());
+            },
+            v1::WorkAck {
+                job_id: "y".into(),
+                attempt: 1,
+                success: true,
+                ..Default::default()
+            },
+        ])
+        .await;
+    assert!(
+        !results[0].ok && results[0].error.contains("acks[0].attempt"),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        !results[1].ok && results[1].error.contains("not found"),
+        "{:?}",
+        results[1]
+    );
+    let more = w.ack(vec![]).await;
+    assert!(more.is_empty(), "the stream is still open");
 
     let e = jobs
         .enqueue_batch(v1::EnqueueBatchRequest {

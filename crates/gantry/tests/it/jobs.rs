@@ -464,3 +464,197 @@ fn two_servers_on_one_postgres_never_run_a_job_twice() {
         by_server(1)
     );
 }
+
+#[test]
+fn jobs_metrics_are_exported() {
+    let dir = temp_dir("jobs-metrics");
+    let server = jobs_server(&dir);
+    for _ in 0..2 {
+        assert!(cli(&server, &["enqueue", "metered", "[]"]).status.success());
+    }
+    let id = stdout(&cli(&server, &["enqueue", "metered", "[]"]));
+    assert!(cli(&server, &["cancel", id.trim()]).status.success());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = rt.block_on(async {
+        reqwest::get(format!("http://{}/metrics", server.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    for line in [
+        r#"gantry_jobs_enqueued_total{name="metered"} 3"#,
+        r#"gantry_jobs_cancelled_total{name="metered"} 1"#,
+        "gantry_jobs_workers 0",
+        "# TYPE gantry_jobs_start_delay_seconds histogram",
+        "# TYPE gantry_jobs_run_seconds histogram",
+        "# TYPE gantry_jobs_ack_seconds histogram",
+    ] {
+        assert!(body.contains(line), "`{line}` missing from:\n{body}");
+    }
+}
+
+#[test]
+fn cli_schedules_create_list_pause_resume_delete() {
+    let dir = temp_dir("jobs-schedules");
+    let mut server = jobs_server(&dir);
+    let code = |out: &Output| out.status.code();
+
+    let nightly = json(&cli(
+        &server,
+        &[
+            "schedules",
+            "create",
+            "nightly",
+            "0 3 * * *",
+            r#"["report"]"#,
+            "--timezone",
+            "Europe/Berlin",
+            "--misfire",
+            "skip",
+            "--json",
+        ],
+    ));
+    assert_eq!(
+        (
+            nightly["status"].as_str(),
+            nightly["timezone"].as_str(),
+            nightly["misfire"].as_str(),
+            nightly["cron"].as_str()
+        ),
+        (
+            Some("active"),
+            Some("Europe/Berlin"),
+            Some("skip"),
+            Some("0 3 * * *")
+        )
+    );
+    assert_eq!(nightly["args"], serde_json::json!(["report"]));
+    assert!(nightly["next_run_at"].as_i64().unwrap() > 0);
+    let id = nightly["id"].as_str().unwrap().to_owned();
+
+    // Errors: a taken name (1), bad input (2), bad flags (2).
+    let out = cli(&server, &["schedules", "create", "nightly", "0 4 * * *"]);
+    assert_eq!(code(&out), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = cli(
+        &server,
+        &[
+            "schedules",
+            "create",
+            "x",
+            "* * * * *",
+            "--timezone",
+            "Mars/Base",
+        ],
+    );
+    assert_eq!(code(&out), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timezone: unknown time zone"));
+    let out = cli(&server, &["schedules", "create", "x", "99 * * * *"]);
+    assert_eq!(code(&out), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cron_expression:"));
+    let out = cli(
+        &server,
+        &[
+            "schedules",
+            "create",
+            "x",
+            "* * * * *",
+            "--misfire",
+            "later",
+        ],
+    );
+    assert_eq!(code(&out), Some(2), "{out:?}");
+
+    // A schedule every second: its jobs appear, and the metric counts them.
+    let out = cli(&server, &["schedules", "create", "beat", "* * * * * *"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).starts_with("created schedule beat ("));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while json(&cli(&server, &["list", "--name", "beat", "--json"]))["total"] == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no job from the schedule"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let table = stdout(&cli(&server, &["schedules", "list"]));
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table.contains("nightly") && table.contains("Europe/Berlin"),
+        "{table}"
+    );
+    assert!(table.trim_end().ends_with("2 of 2 schedules"), "{table}");
+
+    // Pause and resume, by name or id.
+    assert!(
+        cli(&server, &["schedules", "pause", "nightly"])
+            .status
+            .success()
+    );
+    let out = cli(&server, &["schedules", "pause", &id]);
+    assert_eq!(code(&out), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("schedule is paused, expected active"));
+    let paused = json(&cli(
+        &server,
+        &["schedules", "list", "--status", "paused", "--json"],
+    ));
+    assert_eq!(paused["total"], 1);
+    assert_eq!(paused["schedules"][0]["id"], id.as_str());
+    assert_eq!(
+        paused["schedules"][0]["next_run_at"],
+        serde_json::Value::Null
+    );
+    let resumed = json(&cli(&server, &["schedules", "resume", "nightly", "--json"]));
+    assert_eq!(resumed["status"], "active");
+    let shown = stdout(&cli(&server, &["schedules", "show", &id]));
+    assert!(
+        shown.contains("misfire") && shown.contains("skip"),
+        "{shown}"
+    );
+
+    // Delete; unknown schedules are "not found" (4).
+    let out = cli(&server, &["schedules", "delete", "beat"]);
+    assert!(out.status.success(), "{out:?}");
+    for args in [
+        &["schedules", "delete", "beat"][..],
+        &["schedules", "show", "no-such"],
+        &["schedules", "pause", "no-such"],
+        &["schedules", "resume", "no-such"],
+    ] {
+        let out = cli(&server, args);
+        assert_eq!(code(&out), Some(4), "{args:?}: {out:?}");
+    }
+    let listed = json(&cli(&server, &["schedules", "list", "--json"]));
+    assert_eq!(listed["total"], 1);
+    let deleted = json(&cli(
+        &server,
+        &["schedules", "list", "--status", "deleted", "--json"],
+    ));
+    assert_eq!(deleted["schedules"][0]["name"], "beat");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = rt.block_on(async {
+        reqwest::get(format!("http://{}/metrics", server.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(
+        body.contains(r#"gantry_jobs_schedule_fired_total{schedule="beat"}"#),
+        "{body}"
+    );
+
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).0, Some(0));
+}

@@ -64,9 +64,13 @@ impl Served {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut found = std::collections::HashMap::new();
         while found.len() < listening.len() {
-            let line = logs
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("gantry did not report {listening:?}; got {found:?}"));
+            let Ok(line) = logs.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                // Leave no stray server behind.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gantry did not report {listening:?}; got {found:?}");
+            };
             let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };

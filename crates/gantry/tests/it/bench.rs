@@ -1,0 +1,190 @@
+//! `gantry bench jobs`: the load harness end to end, at tiny sizes, against real `gantry jobs
+//! serve` child processes (spawned by the harness, or running beside it). These assert what the
+//! harness counts (jobs, lost, duplicates, restarts) and its exit codes — never speed.
+
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::serve::Served;
+use crate::{gantry, temp_dir};
+
+/// Runs `gantry bench jobs ARGS --json`.
+fn bench(args: &[&str]) -> (Output, Value) {
+    let out = gantry()
+        .args(["bench", "jobs"])
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, report)
+}
+
+/// Runs a scenario against a gantry the harness starts itself.
+fn bench_spawned(args: &[&str]) -> (Output, Value) {
+    let mut all = vec![
+        "--spawn",
+        "gantry",
+        "--server-bin",
+        env!("CARGO_BIN_EXE_gantry"),
+    ];
+    all.extend_from_slice(args);
+    bench(&all)
+}
+
+fn verdict(report: &Value, check: &str) -> String {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == check)
+        .unwrap_or_else(|| panic!("no check {check}: {report:#}"))["verdict"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn assert_clean(report: &Value, jobs: u64) {
+    assert_eq!(report["offered"], jobs, "{report:#}");
+    assert_eq!(report["total"], jobs, "{report:#}");
+    assert_eq!(report["completed"], jobs, "{report:#}");
+    assert_eq!(report["lost"], 0, "{report:#}");
+    assert_eq!(report["duplicates"], 0, "{report:#}");
+    assert_eq!(report["enqueue_errors"], 0, "{report:#}");
+    assert!(report["peak_rss_bytes"].as_u64().unwrap() > 0, "{report:#}");
+}
+
+#[test]
+fn bench_throughput_runs_every_job_once_and_passes() {
+    let (out, report) = bench_spawned(&["throughput", "--jobs", "300"]);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert_clean(&report, 300);
+    assert_eq!(report["succeeded"], 300);
+    assert_eq!(report["start_latency"]["count"], 300);
+    assert_eq!(report["passed"], true);
+    assert_eq!(verdict(&report, "throughput, 1 worker"), "PASS");
+}
+
+#[test]
+fn bench_exits_1_when_a_criterion_fails() {
+    let (out, report) = bench_spawned(&["throughput", "--jobs", "50", "--min-throughput", "1e12"]);
+    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    assert_eq!(report["passed"], false);
+    assert_eq!(verdict(&report, "throughput, 1 worker"), "FAIL");
+    assert_eq!(verdict(&report, "lost"), "PASS");
+}
+
+#[test]
+fn bench_crash_recovery_sigkills_and_restarts_gantry_and_loses_nothing() {
+    let (out, report) = bench_spawned(&[
+        "crash-recovery",
+        "--jobs",
+        "600",
+        "--rate",
+        "400",
+        "--kill-at",
+        "0.3",
+        "--downtime",
+        "200ms",
+        "--job-timeout",
+        "2s",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert_clean(&report, 600);
+    assert_eq!(report["concurrent_duplicates"], 0);
+    assert_eq!(report["extra"]["server kills (SIGKILL) and restarts"], 1);
+    assert!(report["stream_breaks"].as_u64().unwrap() > 0, "{report:#}");
+}
+
+#[test]
+fn bench_retry_storm_against_a_running_server() {
+    let dir = temp_dir("bench-target");
+    let db = dir.join("jobs.db");
+    let server = Served::start_with(
+        &[
+            "jobs",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        &[],
+        &["admin server listening", "jobs server listening"],
+    );
+    let addr = server.jobs.unwrap().to_string();
+    let pid = server.child.id().to_string();
+    let (out, report) = bench(&[
+        "retry-storm",
+        "--target",
+        &addr,
+        "--server-pid",
+        &pid,
+        "--jobs",
+        "60",
+        "--workers",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert_eq!(report["server"], "external");
+    assert_clean(&report, 60);
+    assert_eq!(report["dead"], 60, "every job fails every attempt");
+    let kind = &report["kinds"][0];
+    assert_eq!(
+        (kind["min_runs"].as_u64(), kind["max_runs"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(kind["backoff_violations"], 0);
+}
+
+#[test]
+fn bench_worker_churn_reruns_abandoned_jobs_without_duplicates() {
+    let (out, report) = bench_spawned(&[
+        "worker-churn",
+        "--jobs",
+        "300",
+        "--workers",
+        "2",
+        "--concurrency",
+        "5",
+        "--job-time",
+        "40ms",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert_clean(&report, 300);
+    assert!(
+        report["extra"]["worker streams dropped mid-run"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{report:#}"
+    );
+}
+
+#[test]
+fn bench_usage_errors() {
+    let out = gantry()
+        .args(["bench", "jobs", "crash-recovery", "--target", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--spawn"));
+    let out = gantry()
+        .args(["bench", "jobs", "throughput", "--spawn", "reseolio"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--server-bin"));
+    let out = gantry()
+        .args(["bench", "jobs", "no-such-scenario"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
