@@ -47,6 +47,8 @@ struct Worker {
 #[derive(Debug, Default)]
 pub struct Registry {
     next_conn: ConnId,
+    /// Where the next round of claim requests starts, so no worker is always served first.
+    rotation: usize,
     workers: BTreeMap<ConnId, Worker>,
     /// Job id → (holder, attempt).
     holders: HashMap<String, (ConnId, u32)>,
@@ -111,9 +113,12 @@ impl Registry {
         held
     }
 
-    /// A claim request for every worker with room, keyed by its stream.
-    pub fn claim_requests(&self) -> Vec<(ConnId, ClaimRequest)> {
-        self.workers
+    /// A claim request for every worker with room, keyed by its stream. Each call starts one
+    /// worker further along, so when fewer jobs are due than there is room, successive rounds
+    /// hand them to different workers.
+    pub fn claim_requests(&mut self) -> Vec<(ConnId, ClaimRequest)> {
+        let mut requests: Vec<(ConnId, ClaimRequest)> = self
+            .workers
             .iter()
             .filter(|(_, w)| w.in_flight < w.concurrency && !w.draining && !w.tx.is_closed())
             .map(|(conn, w)| {
@@ -126,7 +131,13 @@ impl Registry {
                     },
                 )
             })
-            .collect()
+            .collect();
+        if !requests.is_empty() {
+            self.rotation = self.rotation.wrapping_add(1);
+            let start = self.rotation % requests.len();
+            requests.rotate_left(start);
+        }
+        requests
     }
 
     /// Hands a claimed job to its worker's channel.

@@ -74,6 +74,10 @@ struct Shared<S> {
     /// The earliest `next_run_at` of schedules created or changed through this engine since the
     /// dispatch loop last looked (`Millis::MAX`: none).
     schedule_hint: AtomicI64,
+    /// The earliest future moment this server knows work becomes due (a delayed job, a retry
+    /// after backoff, a lease end), learned as it happens; `Millis::MAX` when none. Saves asking
+    /// the store on every pass of the dispatch loop.
+    due_hint: AtomicI64,
 }
 
 /// The job engine. Cloning shares it.
@@ -108,6 +112,7 @@ impl<S: Store> Engine<S> {
                 options,
                 stopping: CancellationToken::new(),
                 schedule_hint: AtomicI64::new(Millis::MAX),
+                due_hint: AtomicI64::new(Millis::MAX),
             }),
         }
     }
@@ -128,12 +133,20 @@ impl<S: Store> Engine<S> {
         self.shared.wake.notify_one();
     }
 
+    /// Notes that something becomes due at `at`, so the dispatch loop wakes for it.
+    fn hint_due(&self, at: Millis) {
+        self.shared.due_hint.fetch_min(at, Ordering::AcqRel);
+    }
+
     /// Completions from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Completion> {
         self.shared.events.subscribe()
     }
 
     fn completed(&self, job: &Job, effect: &AckEffect) {
+        if let Some(at) = effect.next_run_at {
+            self.hint_due(at);
+        }
         let m = &self.shared.metrics;
         match effect.status {
             Status::Success => {
@@ -177,6 +190,7 @@ impl<S: Store> Engine<S> {
     /// Stores new jobs and wakes the dispatcher.
     pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, StoreError> {
         let names: Vec<String> = jobs.iter().map(|j| j.name.clone()).collect();
+        let first_run = jobs.iter().map(|j| j.run_at).min();
         let out = self.shared.store.enqueue(jobs, now_millis()).await?;
         for (name, e) in names.iter().zip(&out) {
             if !e.deduplicated {
@@ -186,6 +200,9 @@ impl<S: Store> Engine<S> {
                     .with_label_values(&[name])
                     .inc();
             }
+        }
+        if let Some(at) = first_run {
+            self.hint_due(at);
         }
         self.wake();
         Ok(out)
@@ -483,6 +500,8 @@ impl<S: Store> Engine<S> {
     /// worker streams closed by the shutdown keep their attempts.
     pub async fn run(&self, stop: CancellationToken) -> Result<(), StoreError> {
         let mut next_expiry: Millis = 0;
+        let mut next_store_check: Millis = 0;
+        let mut store_next: Option<Millis> = None;
         // When to check schedules next; at once on start, for ticks missed while down.
         let mut schedules_due: Millis = 0;
         loop {
@@ -518,21 +537,39 @@ impl<S: Store> Engine<S> {
                 tracing::error!(error = %e, "dispatch failed");
             }
 
-            let next = match self.shared.store.next_wakeup(now).await {
-                Ok(next) => next,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the next wake-up time");
-                    None
-                }
-            };
-            let sleep = next
-                .map(|at| {
-                    Duration::from_millis(
-                        u64::try_from(at.saturating_sub(now_millis())).unwrap_or(0),
-                    )
-                })
-                .unwrap_or(IDLE_TICK)
-                .min(IDLE_TICK);
+            // The store is asked at most every IDLE_TICK (it also knows what other servers
+            // sharing the database scheduled); in between, the hints this server collects say
+            // when to wake.
+            if now >= next_store_check {
+                store_next = match self.shared.store.next_wakeup(now).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the next wake-up time");
+                        None
+                    }
+                };
+                next_store_check = now + millis(IDLE_TICK);
+            }
+            let hint = self.shared.due_hint.load(Ordering::Acquire);
+            if hint <= now {
+                // Passed: this pass dispatched it. A newer, later hint may have raced in; keep it.
+                let _ = self.shared.due_hint.compare_exchange(
+                    hint,
+                    Millis::MAX,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            let wake_at = [store_next, Some(hint), Some(next_store_check)]
+                .into_iter()
+                .flatten()
+                .filter(|at| *at > now)
+                .min()
+                .unwrap_or(next_store_check);
+            let sleep = Duration::from_millis(
+                u64::try_from(wake_at.saturating_sub(now_millis())).unwrap_or(0),
+            )
+            .min(IDLE_TICK);
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = self.shared.wake.notified() => {}
@@ -565,6 +602,9 @@ impl<S: Store> Engine<S> {
             let mut registry = self.registry();
             for (conn, jobs) in conns.into_iter().zip(claimed) {
                 for job in jobs {
+                    if let Some(until) = job.lease_until {
+                        self.hint_due(until);
+                    }
                     let key = (job.id.clone(), job.attempt);
                     let name = job.name.clone();
                     let wait = now.saturating_sub(job.run_at.max(job.created_at));

@@ -22,8 +22,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
 
 use super::ledger::{Enqueued, Final, KindRules, Run, RunEnd};
 use crate::stats::{Clock, Micros};
@@ -820,9 +820,4 @@ pub async fn answers(addr: &str) -> bool {
     )
     .await
     .is_ok_and(|r| r.is_ok())
-}
-
-/// A status error for logs: code and message.
-pub fn describe(s: &Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
 }
