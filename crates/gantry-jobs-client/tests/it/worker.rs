@@ -315,7 +315,7 @@ async fn heartbeats_keep_a_short_lease_alive() {
         server
             .worker()
             .handler("long", |(): ()| async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
                 Ok::<_, HandlerError>("done")
             })
             .build()
@@ -326,7 +326,7 @@ async fn heartbeats_keep_a_short_lease_alive() {
             "long",
             &(),
             EnqueueOptions {
-                timeout: Some(Duration::from_millis(300)),
+                timeout: Some(Duration::from_millis(600)),
                 max_attempts: Some(1),
                 ..Default::default()
             },

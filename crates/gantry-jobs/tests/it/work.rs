@@ -262,14 +262,14 @@ async fn heartbeats_keep_a_long_job_from_timing_out() {
     let (mut w, _) = connect(&mut jobs, register(&["long"], 1, vec![])).await;
     let mut req = enqueue("long", "[]");
     req.options = Some(proto::JobOptions {
-        timeout_ms: 300,
+        timeout_ms: 600,
         max_attempts: 1,
         ..Default::default()
     });
     reseolio.enqueue_job(req).await.unwrap();
     let job = w.job().await;
     for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
         let beat = jobs
             .heartbeat(v1::HeartbeatRequest {
                 beats: vec![v1::Beat {
@@ -283,7 +283,7 @@ async fn heartbeats_keep_a_long_job_from_timing_out() {
             .into_inner();
         assert!(beat.results[0].ok, "{:?}", beat.results[0]);
     }
-    // 800 ms after the claim, past the 300 ms timeout, the attempt is still current.
+    // 1.2 s after the claim, twice the 600 ms timeout, the attempt is still current.
     let results = w.ack(vec![ok(&job, "1")]).await;
     assert_eq!(results[0].new_status, JobStatus::Success as i32);
     let stale = jobs
