@@ -522,16 +522,7 @@ pub async fn schedules(command: SchedulesCommand) -> Result<(), Failure> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            if client.json {
-                print_json(&schedule_json(&s));
-            } else {
-                println!(
-                    "created schedule {} ({}), next run {}",
-                    s.name,
-                    s.id,
-                    when(s.next_run_at)
-                );
-            }
+            report_schedule(&s, "created", client.json);
             Ok(())
         }
         SchedulesCommand::Show { client, schedule } => {
@@ -555,11 +546,7 @@ pub async fn schedules(command: SchedulesCommand) -> Result<(), Failure> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            if client.json {
-                print_json(&schedule_json(&s));
-            } else {
-                println!("paused schedule {} ({})", s.name, s.id);
-            }
+            report_schedule(&s, "paused", client.json);
             Ok(())
         }
         SchedulesCommand::Resume { client, schedule } => {
@@ -571,16 +558,7 @@ pub async fn schedules(command: SchedulesCommand) -> Result<(), Failure> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            if client.json {
-                print_json(&schedule_json(&s));
-            } else {
-                println!(
-                    "resumed schedule {} ({}), next run {}",
-                    s.name,
-                    s.id,
-                    when(s.next_run_at)
-                );
-            }
+            report_schedule(&s, "resumed", client.json);
             Ok(())
         }
         SchedulesCommand::Delete { client, schedule } => {
@@ -683,5 +661,19 @@ fn show_schedule(s: &proto::Schedule, json_out: bool) {
             };
             println!("{key:<16} {text}");
         }
+    }
+}
+
+/// Prints a schedule after a change: JSON, or one line saying what happened and when it runs next.
+fn report_schedule(s: &proto::Schedule, what: &str, json_out: bool) {
+    if json_out {
+        print_json(&schedule_json(s));
+    } else {
+        println!(
+            "{what} schedule {} ({}), next run {}",
+            s.name,
+            s.id,
+            when(s.next_run_at)
+        );
     }
 }
