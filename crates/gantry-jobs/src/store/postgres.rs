@@ -537,13 +537,12 @@ fn to_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Column `i` of a row, with the database error mapped.
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(r: &'a Row, i: usize) -> Result<T, StoreError> {
+    r.try_get(i).map_err(db_err)
+}
+
 fn row_to_job(r: &Row) -> Result<Job, StoreError> {
-    fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
-        r: &'a Row,
-        i: usize,
-    ) -> Result<T, StoreError> {
-        r.try_get(i).map_err(db_err)
-    }
     let id: String = get(r, 0)?;
     let corrupt = |reason: String| StoreError::Corrupt {
         id: id.clone(),

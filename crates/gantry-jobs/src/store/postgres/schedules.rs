@@ -13,7 +13,7 @@
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row, Transaction};
 
-use super::{Prepared, db_err, enqueue, storable, to_i64};
+use super::{Prepared, db_err, enqueue, get, storable, to_i64};
 use crate::model::Millis;
 use crate::schedule::{
     self, Misfire, NewSchedule, Schedule, ScheduleChange, ScheduleRejection, ScheduleStatus,
@@ -56,12 +56,6 @@ CREATE INDEX schedules_due ON {schema}.schedules (next_run_at) WHERE status = 1;
 const DELETED: i32 = 3;
 
 fn row_to_schedule(r: &Row) -> Result<Schedule, StoreError> {
-    fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
-        r: &'a Row,
-        i: usize,
-    ) -> Result<T, StoreError> {
-        r.try_get(i).map_err(db_err)
-    }
     let id: String = get(r, 0)?;
     let corrupt = |reason: String| StoreError::Corrupt {
         id: id.clone(),
