@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_runtime::retry::RetryPolicy;
@@ -1015,53 +1016,78 @@ fn work_msg(msg: v1::work_response::Msg) -> Result<v1::WorkResponse, Status> {
     Ok(v1::WorkResponse { msg: Some(msg) })
 }
 
-/// Handles one `AckBatch` from a `Work` stream: every ack fenced by its attempt.
-async fn work_acks<S: Store>(
-    engine: &Engine<S>,
-    batch: v1::AckBatch,
-) -> Result<v1::AckResults, Status> {
-    if batch.acks.len() > limits::BATCH {
-        return Err(invalid(
-            "acks",
-            format!("at most {} per batch", limits::BATCH),
-        ));
-    }
-    // An ack the server cannot take (no attempt, an oversized result) is refused on its own line
-    // of the answer; it must not end the stream and cost the worker every attempt it holds.
-    let refused = |job_id: String, attempt: i32, status: Status| v1::AckResult {
+/// How long a `Work` stream whose worker hung up is still read for acks sent just before.
+const HANG_UP_GRACE: Duration = Duration::from_millis(50);
+
+/// One `AckBatch` from a `Work` stream, checked: the acks the store is to apply, and the answer
+/// lines of those refused already (no attempt, an oversized result).
+struct CheckedAcks {
+    results: Vec<Option<v1::AckResult>>,
+    /// For each ack to apply: its line in `results`, job id and attempt.
+    slots: Vec<(usize, String, u32)>,
+    acks: Vec<Ack>,
+}
+
+fn refused_ack(job_id: String, attempt: i32, status: &Status) -> v1::AckResult {
+    v1::AckResult {
         job_id,
         attempt,
         ok: false,
         new_status: 0,
         next_run_at: 0,
         error: status.message().to_owned(),
+    }
+}
+
+/// Checks one `AckBatch`. Only a batch over the size limit is an error (it ends the stream); an
+/// ack the server cannot take is refused on its own line of the answer, so it does not cost the
+/// worker every attempt it holds.
+fn check_acks(batch: v1::AckBatch) -> Result<CheckedAcks, Status> {
+    if batch.acks.len() > limits::BATCH {
+        return Err(invalid(
+            "acks",
+            format!("at most {} per batch", limits::BATCH),
+        ));
+    }
+    let n = batch.acks.len();
+    let mut checked = CheckedAcks {
+        results: Vec::with_capacity(n),
+        slots: Vec::with_capacity(n),
+        acks: Vec::with_capacity(n),
     };
-    let mut results: Vec<Option<v1::AckResult>> = Vec::with_capacity(batch.acks.len());
-    let mut acks = Vec::with_capacity(batch.acks.len());
-    let mut slots = Vec::with_capacity(batch.acks.len());
     for (i, a) in batch.acks.into_iter().enumerate() {
-        let checked =
+        let parsed =
             attempt_from_wire(&format!("acks[{i}].attempt"), a.attempt).and_then(|attempt| {
                 Ok((
                     attempt,
                     outcome_from_wire(a.success, a.result, a.error, a.retry)?,
                 ))
             });
-        match checked {
+        match parsed {
             Ok((attempt, outcome)) => {
-                slots.push((i, a.job_id.clone(), attempt));
-                acks.push(Ack {
+                checked.slots.push((i, a.job_id.clone(), attempt));
+                checked.acks.push(Ack {
                     job_id: a.job_id,
                     attempt: Some(attempt),
                     outcome,
                 });
-                results.push(None);
+                checked.results.push(None);
             }
-            Err(status) => results.push(Some(refused(a.job_id, a.attempt, status))),
+            Err(status) => checked
+                .results
+                .push(Some(refused_ack(a.job_id, a.attempt, &status))),
         }
     }
-    let out = engine.ack(acks).await.map_err(store_status)?;
-    for ((i, job_id, attempt), r) in slots.into_iter().zip(out) {
+    Ok(checked)
+}
+
+/// The answer to one checked batch, from the store's results for its acks (in order).
+fn answer_acks(
+    checked: CheckedAcks,
+    out: impl Iterator<Item = Result<(crate::model::Job, crate::machine::AckEffect), JobError>>,
+) -> v1::AckResults {
+    let mut results = checked.results;
+    for ((i, job_id, attempt), r) in checked.slots.into_iter().zip(out) {
         let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
         results[i] = Some(match r {
             Ok((_, effect)) => v1::AckResult {
@@ -1072,12 +1098,67 @@ async fn work_acks<S: Store>(
                 next_run_at: effect.next_run_at.unwrap_or(0),
                 error: String::new(),
             },
-            Err(e) => refused(job_id, attempt, Status::failed_precondition(e.to_string())),
+            Err(e) => refused_ack(job_id, attempt, &Status::failed_precondition(e.to_string())),
         });
     }
-    Ok(v1::AckResults {
+    v1::AckResults {
         results: results.into_iter().flatten().collect(),
-    })
+    }
+}
+
+/// Applies a `Work` stream's ack batches in the order they came, beside the stream's loop so
+/// that jobs keep flowing to the worker while acks commit. Batches that arrive while one is
+/// being committed go to the store together in the next call; each still gets its own answer,
+/// in order. Acks received before the stream ended are applied even when the answer can no
+/// longer be sent (so the attempts they finish are not abandoned as held).
+async fn apply_acks<S: Store>(
+    engine: Engine<S>,
+    mut batches: mpsc::UnboundedReceiver<CheckedAcks>,
+    tx: mpsc::Sender<Result<v1::WorkResponse, Status>>,
+    applied: Arc<tokio::sync::Notify>,
+    failed: CancellationToken,
+) {
+    let mut answering = true;
+    while let Some(first) = batches.recv().await {
+        let mut group = vec![first];
+        let mut total = group[0].acks.len();
+        while total < limits::BATCH {
+            match batches.try_recv() {
+                Ok(more) => {
+                    total += more.acks.len();
+                    group.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        let acks: Vec<Ack> = group
+            .iter_mut()
+            .flat_map(|c| std::mem::take(&mut c.acks))
+            .collect();
+        match engine.ack(acks).await {
+            Ok(out) => {
+                let mut out = out.into_iter();
+                for checked in group {
+                    let n = checked.slots.len();
+                    let answer = answer_acks(checked, out.by_ref().take(n));
+                    if answering
+                        && tx
+                            .send(work_msg(v1::work_response::Msg::Acks(answer)))
+                            .await
+                            .is_err()
+                    {
+                        answering = false;
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(store_status(e))).await;
+                failed.cancel();
+                return;
+            }
+        }
+        applied.notify_one();
+    }
 }
 
 #[tonic::async_trait]
@@ -1125,6 +1206,16 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
         let engine = self.engine.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {
+            let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+            let applied = Arc::new(tokio::sync::Notify::new());
+            let ack_failed = CancellationToken::new();
+            let acker = tokio::spawn(apply_acks(
+                engine.clone(),
+                ack_rx,
+                tx.clone(),
+                Arc::clone(&applied),
+                ack_failed.clone(),
+            ));
             let mut draining = false;
             loop {
                 if draining && engine.worker_in_flight(conn) == 0 {
@@ -1136,7 +1227,21 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                         let _ = tx.send(Err(shutting_down())).await;
                         break;
                     }
-                    () = tx.closed() => break,
+                    () = tx.closed() => {
+                        // The worker hung up: acks it sent just before are still buffered here.
+                        while let Ok(Ok(Some(m))) =
+                            tokio::time::timeout(HANG_UP_GRACE, inbound.message()).await
+                        {
+                            if let Some(In::Acks(batch)) = m.msg
+                                && let Ok(checked) = check_acks(batch)
+                            {
+                                let _ = ack_tx.send(checked);
+                            }
+                        }
+                        break;
+                    }
+                    () = ack_failed.cancelled() => break,
+                    () = applied.notified(), if draining => {}
                     msg = inbound.message() => match msg {
                         Ok(Some(v1::WorkRequest { msg: Some(In::Register(r)) })) => {
                             let shape = worker_shape(&r.names, r.concurrency)
@@ -1162,10 +1267,16 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                             }
                         }
                         Ok(Some(v1::WorkRequest { msg: Some(In::Acks(batch)) })) => {
-                            let reply = work_acks(&engine, batch).await.map(Out::Acks).and_then(work_msg);
-                            let failed = reply.is_err();
-                            if tx.send(reply).await.is_err() || failed {
-                                break;
+                            match check_acks(batch) {
+                                Ok(checked) => {
+                                    if ack_tx.send(checked).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(status) => {
+                                    let _ = tx.send(Err(status)).await;
+                                    break;
+                                }
                             }
                         }
                         Ok(Some(v1::WorkRequest { msg: Some(In::Drain(_)) })) => {
@@ -1193,6 +1304,9 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                     }
                 }
             }
+            // Acks that came before the end are applied before the held attempts are let go.
+            drop(ack_tx);
+            let _ = acker.await;
             engine.disconnect_worker(conn).await;
             tracing::info!(worker_id = %worker_id, conn, "worker disconnected");
         });

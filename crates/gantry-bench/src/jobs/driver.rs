@@ -26,6 +26,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use super::ledger::{Enqueued, Final, KindRules, Run, RunEnd};
+use super::native;
 use crate::stats::{Clock, Micros};
 
 /// A client of the contract.
@@ -105,10 +106,46 @@ pub struct Counters {
     pub foreign_jobs: AtomicU64,
 }
 
+/// The wire protocol a run speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Reseolio's contract, as its SDKs use it: one `EnqueueJob` per job, a `PollJobs` stream
+    /// per worker, one unary `AckJob` per job.
+    Reseolio,
+    /// Gantry's own: `EnqueueBatch` (closed-loop enqueues in batches), a `Work` stream per
+    /// worker with acks batched on the stream, as the Rust SDK does.
+    Gantry,
+}
+
+impl Protocol {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Reseolio => "reseolio",
+            Protocol::Gantry => "gantry",
+        }
+    }
+}
+
+/// Whether the server at `addr` speaks Gantry's own protocol (`gantry.jobs.v1.Jobs`).
+pub async fn speaks_gantry(addr: &str) -> anyhow::Result<bool> {
+    let mut client = native::JobsClient::new(channel(addr)?);
+    match client.stats(native::v1::StatsRequest {}).await {
+        Ok(_) => Ok(true),
+        Err(s) if s.code() == Code::Unimplemented => Ok(false),
+        Err(s) => Err(anyhow::anyhow!(
+            "cannot ask {addr} which protocol it speaks: {s}"
+        )),
+    }
+}
+
 /// State shared by a run's enqueuers and workers.
 pub struct Ctx {
     /// The harness's clock.
     pub clock: Clock,
+    /// The protocol spoken.
+    pub protocol: Protocol,
     /// The scenario's job kinds.
     pub kinds: Vec<Kind>,
     by_name: HashMap<String, usize>,
@@ -127,7 +164,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Ctx {
     /// A context for `kinds`.
-    pub fn new(clock: Clock, kinds: Vec<Kind>, patience: Duration) -> Arc<Self> {
+    pub fn new(
+        clock: Clock,
+        protocol: Protocol,
+        kinds: Vec<Kind>,
+        patience: Duration,
+    ) -> Arc<Self> {
         let by_name = kinds
             .iter()
             .enumerate()
@@ -135,6 +177,7 @@ impl Ctx {
             .collect();
         Arc::new(Self {
             clock,
+            protocol,
             kinds,
             by_name,
             patience,
@@ -160,13 +203,13 @@ impl Ctx {
         self.done.load(Ordering::Relaxed)
     }
 
-    fn mark_done(&self, id: &str) {
+    pub(super) fn mark_done(&self, id: &str) {
         if lock(&self.done_ids).insert(id.to_owned()) {
             self.done.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    fn record(&self, run: Run) {
+    pub(super) fn record(&self, run: Run) {
         lock(&self.runs).push(run);
     }
 
@@ -191,7 +234,7 @@ impl Ctx {
     }
 }
 
-fn retryable(code: Code) -> bool {
+pub(super) fn retryable(code: Code) -> bool {
     matches!(
         code,
         Code::Unavailable
@@ -235,7 +278,11 @@ impl Workers {
         let mut tasks = JoinSet::new();
         for spec in specs {
             let channel = channel(addr)?;
-            tasks.spawn(worker(Arc::clone(ctx), channel, spec, stop.clone()));
+            let ctx = Arc::clone(ctx);
+            match ctx.protocol {
+                Protocol::Reseolio => tasks.spawn(worker(ctx, channel, spec, stop.clone())),
+                Protocol::Gantry => tasks.spawn(native::worker(ctx, channel, spec, stop.clone())),
+            };
         }
         Ok(Self { stop, tasks })
     }
@@ -248,20 +295,20 @@ impl Workers {
 }
 
 /// Fired when a worker drops its stream: handlers not yet acking give their job up, as of `at`.
-struct Abort {
+pub(super) struct Abort {
     token: CancellationToken,
     at: AtomicU64,
 }
 
 impl Abort {
-    fn new() -> Arc<Self> {
+    pub(super) fn new() -> Arc<Self> {
         Arc::new(Self {
             token: CancellationToken::new(),
             at: AtomicU64::new(u64::MAX),
         })
     }
 
-    fn fire(&self, now: Micros) {
+    pub(super) fn fire(&self, now: Micros) {
         self.at.store(now, Ordering::SeqCst);
         self.token.cancel();
     }
@@ -329,7 +376,7 @@ async fn worker(ctx: Arc<Ctx>, channel: Channel, spec: WorkerSpec, stop: Cancell
                         let start = ctx.clock.now();
                         handlers.spawn(handle(
                             Arc::clone(&ctx),
-                            client.clone(),
+                            Acker::Unary(client.clone()),
                             job,
                             start,
                             spec.index,
@@ -354,7 +401,7 @@ async fn worker(ctx: Arc<Ctx>, channel: Channel, spec: WorkerSpec, stop: Cancell
     while handlers.join_next().await.is_some() {}
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+pub(super) async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -372,9 +419,46 @@ fn wall_deadline(deadline_ms: i64) -> Option<Instant> {
     Some(Instant::now() + Duration::from_millis(left))
 }
 
-async fn handle(
+/// How a handler's ack reaches the server.
+pub(super) enum Acker {
+    /// One unary `AckJob` call, retried within the patience.
+    Unary(Client),
+    /// Handed to the worker's `Work` stream, which batches it and sends back the verdict.
+    Stream(mpsc::UnboundedSender<native::PendingAck>),
+}
+
+/// An ack's fate: the job's new status, or `Err(true)` undelivered, `Err(false)` refused
+/// (a stale attempt).
+pub(super) type Verdict = Result<i32, bool>;
+
+impl Acker {
+    async fn ack(&mut self, ctx: &Ctx, request: proto::AckRequest) -> Verdict {
+        match self {
+            Acker::Unary(client) => {
+                let give_up = Instant::now() + ctx.patience;
+                let mut delay = Duration::from_millis(20);
+                loop {
+                    match client.ack_job(request.clone()).await {
+                        Ok(response) => break Ok(response.into_inner().new_status),
+                        Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                            break Err(false);
+                        }
+                        Err(s) if retryable(s.code()) && Instant::now() < give_up => {
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_millis(500));
+                        }
+                        Err(_) => break Err(true),
+                    }
+                }
+            }
+            Acker::Stream(tx) => native::ack(tx, request).await,
+        }
+    }
+}
+
+pub(super) async fn handle(
     ctx: Arc<Ctx>,
-    mut client: Client,
+    mut acker: Acker,
     job: proto::Job,
     start: Micros,
     worker: u32,
@@ -383,18 +467,17 @@ async fn handle(
     let Some(kind) = ctx.by_name.get(&job.name).map(|&i| &ctx.kinds[i]) else {
         // Not ours (another run's job on a shared server): hand it back for a retry.
         ctx.counters.foreign_jobs.fetch_add(1, Ordering::Relaxed);
-        let _ = client
-            .ack_job(proto::AckRequest {
-                job_id: job.id,
-                result: Some(proto::AckResult {
-                    success: false,
-                    return_value: vec![],
-                    error: "not a job of this benchmark run".into(),
-                    should_retry: true,
-                }),
-                attempt: job.attempt,
-            })
-            .await;
+        let request = proto::AckRequest {
+            job_id: job.id,
+            result: Some(proto::AckResult {
+                success: false,
+                return_value: vec![],
+                error: "not a job of this benchmark run".into(),
+                should_retry: true,
+            }),
+            attempt: job.attempt,
+        };
+        let _ = acker.ack(&ctx, request).await;
         return;
     };
     let abandoned = |ctx: &Ctx, job: proto::Job| {
@@ -438,21 +521,7 @@ async fn handle(
         }),
         attempt: job.attempt,
     };
-    let give_up = Instant::now() + ctx.patience;
-    let mut delay = Duration::from_millis(20);
-    let verdict = loop {
-        match client.ack_job(request.clone()).await {
-            Ok(response) => break Ok(response.into_inner().new_status),
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
-                break Err(false);
-            }
-            Err(s) if retryable(s.code()) && Instant::now() < give_up => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
-            }
-            Err(_) => break Err(true),
-        }
-    };
+    let verdict = acker.ack(&ctx, request).await;
     let done = ctx.clock.now();
     let (accepted, terminal) = match verdict {
         Ok(status) => (
@@ -514,6 +583,8 @@ pub struct EnqueueSpec {
     pub idempotent: bool,
     /// Prefix of idempotency keys.
     pub tag: String,
+    /// Jobs per `EnqueueBatch` call (closed loop, Gantry's protocol).
+    pub batch: usize,
 }
 
 /// What the enqueuers did.
@@ -543,11 +614,11 @@ impl EnqueueOutcome {
     }
 }
 
-struct EnqueueShared {
-    ctx: Arc<Ctx>,
-    spec: EnqueueSpec,
+pub(super) struct EnqueueShared {
+    pub(super) ctx: Arc<Ctx>,
+    pub(super) spec: EnqueueSpec,
     out: Mutex<Vec<Enqueued>>,
-    errors: AtomicU64,
+    pub(super) errors: AtomicU64,
 }
 
 /// Enqueues `spec.plan` through `addr`; returns when every call has finished.
@@ -570,6 +641,28 @@ pub async fn enqueue(
     });
     let started = ctx.clock.now();
     match mode {
+        Mode::Closed if ctx.protocol == Protocol::Gantry => {
+            let next = Arc::new(AtomicUsize::new(0));
+            let mut tasks = JoinSet::new();
+            for c in 0..clients {
+                let client = native::JobsClient::new(channels[c % channels.len()].clone());
+                let (shared, next) = (Arc::clone(&shared), Arc::clone(&next));
+                tasks.spawn(async move {
+                    let batch = shared.spec.batch.max(1);
+                    let mut out = Vec::new();
+                    loop {
+                        let first = next.fetch_add(batch, Ordering::Relaxed);
+                        if first >= n {
+                            break;
+                        }
+                        let range = first..(first + batch).min(n);
+                        out.extend(native::enqueue_batch(&shared, client.clone(), range).await);
+                    }
+                    lock(&shared.out).extend(out);
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
         Mode::Closed => {
             let next = Arc::new(AtomicUsize::new(0));
             let mut tasks = JoinSet::new();
@@ -626,11 +719,10 @@ pub async fn enqueue(
     })
 }
 
-async fn enqueue_one(shared: &EnqueueShared, mut client: Client, i: usize) -> Option<Enqueued> {
-    let ctx = &shared.ctx;
-    let kind_index = usize::from(shared.spec.plan[i]);
-    let kind = &ctx.kinds[kind_index];
-    let request = proto::EnqueueRequest {
+/// The `EnqueueJob` request for the plan's `i`th job.
+pub(super) fn enqueue_request(shared: &EnqueueShared, i: usize) -> proto::EnqueueRequest {
+    let kind = &shared.ctx.kinds[usize::from(shared.spec.plan[i])];
+    proto::EnqueueRequest {
         name: kind.name.clone(),
         args: format!("[{i}]").into_bytes(),
         options: Some(kind.options.clone()),
@@ -640,7 +732,13 @@ async fn enqueue_one(shared: &EnqueueShared, mut client: Client, i: usize) -> Op
             String::new()
         },
         ..Default::default()
-    };
+    }
+}
+
+async fn enqueue_one(shared: &EnqueueShared, mut client: Client, i: usize) -> Option<Enqueued> {
+    let ctx = &shared.ctx;
+    let kind_index = usize::from(shared.spec.plan[i]);
+    let request = enqueue_request(shared, i);
     let at = ctx.clock.now();
     let give_up = Instant::now() + ctx.patience;
     let mut delay = Duration::from_millis(20);

@@ -5,7 +5,8 @@
 //! - [`ledger`]: what happened to every job, and the duplicates, lost jobs and latencies that
 //!   follow (pure).
 //! - [`criteria`]: the seed's pass criteria as PASS / FAIL / SKIP lines (pure).
-//! - [`driver`]: enqueuers, workers and the end-of-run check over gRPC.
+//! - [`driver`]: enqueuers, workers and the end-of-run check over gRPC (the Reseolio contract).
+//! - [`native`]: the same over Gantry's own protocol (batched enqueues, the `Work` stream).
 //! - [`scenarios`]: the ten scenarios.
 //! - [`report`]: the results table and JSON.
 //!
@@ -14,6 +15,7 @@
 pub mod criteria;
 pub mod driver;
 pub mod ledger;
+pub mod native;
 pub mod report;
 pub mod scenarios;
 
@@ -69,6 +71,17 @@ impl Scenario {
     }
 }
 
+/// Which wire protocol the harness speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtocolChoice {
+    /// Gantry's own when the server has it (`gantry.jobs.v1.Jobs`), else Reseolio's contract.
+    Auto,
+    /// Reseolio's contract, as its SDKs speak it: unary enqueues and acks.
+    Reseolio,
+    /// Gantry's own, as its Rust SDK speaks it: batched enqueues, the `Work` stream.
+    Gantry,
+}
+
 /// `gantry bench jobs`: its flags. Sizes left unset take the scenario's defaults (each scenario
 /// but `soak` and `db-stress` finishes in about a minute or less against gantry).
 #[derive(Debug, Clone, clap::Args)]
@@ -114,6 +127,14 @@ pub struct JobsBench {
     /// Harness workers (one PollJobs stream each).
     #[arg(long, value_name = "N")]
     pub workers: Option<u32>,
+
+    /// The wire protocol: each server is best measured the way its own SDK talks to it.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub protocol: ProtocolChoice,
+
+    /// Jobs per `EnqueueBatch` call in closed-loop scenarios (Gantry's protocol).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub enqueue_batch: u32,
 
     /// Jobs each worker runs at once.
     #[arg(long, value_name = "N")]

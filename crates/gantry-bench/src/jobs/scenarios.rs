@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::criteria::{self, Bounds, Check, ratio};
 use super::driver::{
-    self, Behaviour, Ctx, EnqueueOutcome, EnqueueSpec, Kind, Mode, Settled, WorkerSpec, Workers,
+    self, Behaviour, Ctx, EnqueueOutcome, EnqueueSpec, Kind, Mode, Protocol, Settled, WorkerSpec,
+    Workers,
 };
 use super::ledger::{self, Analysis, Backoff, Expect, KindRules, Policy};
 use super::report::Report;
-use super::{JobsBench, Scenario, Target};
+use super::{JobsBench, ProtocolChoice, Scenario, Target};
 use crate::process::Sampler;
 use crate::proxy::DelayProxy;
 use crate::stats::{Clock, Summary, fmt_bytes, fmt_rate, fmt_us};
@@ -38,6 +39,8 @@ struct Settings {
     job_timeout: Option<Duration>,
     bounds: Bounds,
     tag: String,
+    protocol: Protocol,
+    batch: usize,
 }
 
 impl Settings {
@@ -90,6 +93,9 @@ impl Settings {
                 max_rss_growth_mib: a.max_rss_growth,
             },
             tag: format!("bench-{:08x}", rand::random::<u32>()),
+            // Settled against the server in `run`.
+            protocol: Protocol::Reseolio,
+            batch: a.enqueue_batch.max(1) as usize,
         }
     }
 
@@ -185,7 +191,18 @@ struct Measured {
 
 /// Runs the scenario in `args` against `target`.
 pub async fn run(args: &JobsBench, mut target: Target) -> anyhow::Result<Report> {
-    let s = Settings::resolve(args);
+    let mut s = Settings::resolve(args);
+    s.protocol = match args.protocol {
+        ProtocolChoice::Reseolio => Protocol::Reseolio,
+        ProtocolChoice::Gantry => Protocol::Gantry,
+        ProtocolChoice::Auto => {
+            if driver::speaks_gantry(&target.addr).await? {
+                Protocol::Gantry
+            } else {
+                Protocol::Reseolio
+            }
+        }
+    };
     let one_kind = |k: Kind, n: u64| (vec![k], vec![0u8; usize::try_from(n).unwrap_or(usize::MAX)]);
     let standard = |kinds: Vec<Kind>, plan: Vec<u8>, churn, idempotent| Load {
         kinds,
@@ -470,7 +487,7 @@ async fn measure(
     crash: Option<Crash>,
 ) -> anyhow::Result<Measured> {
     let clock = Clock::start();
-    let ctx = Ctx::new(clock, load.kinds, args.patience);
+    let ctx = Ctx::new(clock, s.protocol, load.kinds, args.patience);
     let sampler = target
         .pid
         .clone()
@@ -485,6 +502,7 @@ async fn measure(
         connections: load.connections,
         idempotent: load.idempotent,
         tag: s.tag.clone(),
+        batch: s.batch,
     };
     let finished = CancellationToken::new();
     // Status look-ups go straight to the server (not through network-latency's proxy).
@@ -644,11 +662,15 @@ fn report(scenario: Scenario, target: &Target, s: &Settings, m: &Measured) -> Re
     r.note(
         "harness",
         format!(
-            "{} workers × concurrency {}, {} {}",
+            "{} protocol, {} workers × concurrency {}, {} {}",
+            s.protocol.name(),
             s.workers,
             s.concurrency,
             s.clients,
             match s.mode() {
+                Mode::Closed if s.protocol == Protocol::Gantry => {
+                    format!("concurrent enqueue calls of {} jobs", s.batch)
+                }
                 Mode::Closed => "concurrent enqueue calls".to_owned(),
                 Mode::Rate(per_s) => format!("enqueue connections at {} offered", fmt_rate(per_s)),
             }
@@ -727,7 +749,7 @@ fn soak_memory(r: &mut Report, m: &Measured, s: &Settings) -> Check {
 async fn db_stress(args: &JobsBench, s: &Settings, target: Target) -> anyhow::Result<Report> {
     let probe = (s.jobs / 10).clamp(1, 2_000);
     let clock = Clock::start();
-    let ctx = Ctx::new(clock, vec![noop(s)], args.patience);
+    let ctx = Ctx::new(clock, s.protocol, vec![noop(s)], args.patience);
     let sampler = target
         .pid
         .clone()
@@ -749,6 +771,7 @@ async fn db_stress(args: &JobsBench, s: &Settings, target: Target) -> anyhow::Re
         connections: (s.clients as usize).div_ceil(8),
         idempotent: false,
         tag: format!("{}-{tag}", s.tag),
+        batch: s.batch,
     };
     let progress = |what: &str| {
         if !args.json {

@@ -1,11 +1,13 @@
 //! The embedded SQLite store: WAL, one writer thread with group commit, separate readers.
 //!
-//! Every write is a command sent to the writer thread over a bounded channel. The writer takes
-//! whatever commands are waiting (up to [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE`
-//! transaction — each inside its own savepoint, so one failing command does not undo the others —
-//! commits once, and only then answers them. Under load, one fsync covers hundreds of writes;
-//! when idle, a single write commits at once. Reads (`get`, `list`, `stats`, `next_wakeup`) use a
-//! small pool of read connections on the blocking thread pool and never wait for the writer.
+//! Every write is a command sent to the writer thread over a bounded channel. The writer opens a
+//! `BEGIN IMMEDIATE` transaction for the first command and runs in it every command that is
+//! waiting or arrives while it runs (up to [`MAX_BATCH`]) — each inside its own savepoint, so one
+//! failing command does not undo the others — commits once, and only then answers them. Under
+//! load, one commit (and fsync) covers hundreds of writes; when idle, a single write commits at
+//! once. Reads (`get`, `list`, `stats`, `next_wakeup`) use a fixed pool of [`READERS`] read
+//! connections on the blocking thread pool (a read waits for a free one) and never wait for the
+//! writer.
 //!
 //! Durability: `synchronous = FULL` by default (a commit survives power loss); `NORMAL` survives
 //! a process crash but may lose the last commits on power loss.
@@ -14,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -42,7 +44,7 @@ use crate::model::{
 pub const MAX_BATCH: usize = 512;
 /// Commands that may wait for the writer before senders feel backpressure.
 const QUEUE: usize = 4096;
-/// Read connections.
+/// Read connections (and reads at once).
 const READERS: usize = 4;
 
 /// How hard commits are pushed to disk.
@@ -115,6 +117,7 @@ enum Command {
 pub struct SqliteStore {
     writer: SyncSender<Command>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    reader_permits: Arc<tokio::sync::Semaphore>,
     path: Arc<PathBuf>,
 }
 
@@ -231,6 +234,7 @@ impl SqliteStore {
         Ok(Self {
             writer: tx,
             readers: Arc::new(Mutex::new(readers)),
+            reader_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
             path: Arc::new(options.path),
         })
     }
@@ -262,19 +266,26 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        // A permit guarantees a connection in the pool.
+        let permit = Arc::clone(&self.reader_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let readers = Arc::clone(&self.readers);
         let path = Arc::clone(&self.path);
         tokio::task::spawn_blocking(move || {
-            let conn = readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
-            let conn = match conn {
+            let pooled = readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            // None only if a read panicked and took its connection with it.
+            let conn = match pooled {
                 Some(c) => c,
                 None => open_connection(&path, true)?,
             };
             let result = f(&conn);
-            let mut pool = readers.lock().unwrap_or_else(PoisonError::into_inner);
-            if pool.len() < READERS {
-                pool.push(conn);
-            }
+            readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(conn);
+            drop(permit);
             result
         })
         .await
@@ -323,29 +334,26 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 type Pending = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 
 fn writer_loop(mut conn: Connection, rx: Receiver<Command>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
     // Blocks for the first command; ends when every sender is gone.
     while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
-        }
-        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut next = Some(first);
         let commit = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(db_err)
             .and_then(|mut tx| {
-                for command in batch.drain(..) {
+                // Commands that arrive while the transaction runs join it.
+                while let Some(command) = next.take() {
                     pending.push(run_command(&mut tx, command));
+                    if pending.len() >= MAX_BATCH {
+                        break;
+                    }
+                    next = rx.try_recv().ok();
                 }
                 tx.commit().map_err(db_err)
             });
-        // Commands not yet run (the transaction failed to begin) are dropped: their senders see
-        // a closed reply channel, which maps to StoreError::Closed... so answer them instead.
-        for command in batch.drain(..) {
+        // A command taken but not run (the transaction failed to begin) is answered too.
+        if let Some(command) = next {
             pending.push(fail_command(command));
         }
         if let Err(e) = &commit {

@@ -152,6 +152,85 @@ async fn acks_travel_on_the_stream_fenced_by_attempt() {
 }
 
 #[tokio::test]
+async fn ack_batches_sent_back_to_back_get_one_answer_each_in_order() {
+    let server = Server::start().await;
+    let (mut jobs, mut reseolio) = clients(&server).await;
+    let (mut w, _) = connect(&mut jobs, register(&["n"], 6, vec![])).await;
+    jobs.enqueue_batch(v1::EnqueueBatchRequest {
+        jobs: (0..6).map(|i| enqueue("n", &format!("[{i}]"))).collect(),
+    })
+    .await
+    .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(w.job().await);
+    }
+    // Three batches before reading any answer: the server may apply them together, but each
+    // gets its own answer, in order, with its refused lines in place.
+    let mut unfenced = ok(&held[1], "1");
+    unfenced.attempt = 0;
+    let batches = vec![
+        vec![ok(&held[0], "0")],
+        vec![unfenced, ok(&held[2], "2")],
+        vec![ok(&held[1], "1"), ok(&held[3], "3")],
+    ];
+    for acks in &batches {
+        w.tx.send(v1::WorkRequest {
+            msg: Some(work_request::Msg::Acks(v1::AckBatch { acks: acks.clone() })),
+        })
+        .await
+        .unwrap();
+    }
+    for acks in &batches {
+        let results = match w.next().await {
+            work_response::Msg::Acks(r) => r.results,
+            other => panic!("expected ack results, got {other:?}"),
+        };
+        let ids: Vec<&str> = results.iter().map(|r| r.job_id.as_str()).collect();
+        let sent: Vec<&str> = acks.iter().map(|a| a.job_id.as_str()).collect();
+        assert_eq!(ids, sent);
+        for (r, a) in results.iter().zip(acks) {
+            assert_eq!(r.ok, a.attempt > 0, "{r:?}");
+        }
+    }
+    // Acks sent just before the worker closes its side are applied before the stream's held
+    // attempts are let go.
+    w.tx.send(v1::WorkRequest {
+        msg: Some(work_request::Msg::Acks(v1::AckBatch {
+            acks: vec![ok(&held[4], "4"), ok(&held[5], "5")],
+        })),
+    })
+    .await
+    .unwrap();
+    let Worker { tx, rx: _rx } = w;
+    drop(tx);
+    for job in &held {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let stored = reseolio
+                .get_job(proto::GetJobRequest {
+                    job_id: job.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if stored.status == JobStatus::Success as i32 {
+                assert_eq!(stored.attempt, 1, "{stored:?}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {} is {:?}",
+                job.id,
+                stored
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn cancelling_a_running_job_reaches_its_worker() {
     let server = Server::start().await;
     let (mut jobs, mut reseolio) = clients(&server).await;

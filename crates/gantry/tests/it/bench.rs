@@ -70,6 +70,19 @@ fn bench_throughput_runs_every_job_once_and_passes() {
     assert_eq!(report["start_latency"]["count"], 300);
     assert_eq!(report["passed"], true);
     assert_eq!(verdict(&report, "throughput, 1 worker"), "PASS");
+    // A gantry server is driven through its own protocol unless told otherwise.
+    let harness = report["extra"]["harness"].as_str().unwrap();
+    assert!(harness.starts_with("gantry protocol"), "{report:#}");
+}
+
+#[test]
+fn bench_drives_gantry_through_the_reseolio_contract_when_asked() {
+    let (out, report) = bench_spawned(&["throughput", "--jobs", "300", "--protocol", "reseolio"]);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert_clean(&report, 300);
+    assert_eq!(report["succeeded"], 300);
+    let harness = report["extra"]["harness"].as_str().unwrap();
+    assert!(harness.starts_with("reseolio protocol"), "{report:#}");
 }
 
 #[test]
