@@ -62,7 +62,7 @@ impl Settings {
             Scenario::LongRunning => (0, 2, 20, 4, Some(200.0), 10, 3_000),
             Scenario::WorkerChurn => (3_000, 4, 10, 8, None, 0, 100),
             Scenario::CrashRecovery => (5_000, 4, 25, 8, Some(1_000.0), 0, 10),
-            Scenario::Soak => (0, 4, 20, 4, Some(200.0), 3_600, 0),
+            Scenario::Soak => (0, 4, 20, 4, Some(1_000.0), 3_600, 0),
             Scenario::DbStress => (1_000_000, 10, 100, 64, None, 0, 0),
             Scenario::NetworkLatency => (0, 4, 50, 8, Some(500.0), 10, 0),
         };
@@ -529,7 +529,8 @@ async fn measure(
     workers.stop().await;
     let (enqueue, settled) = main?;
     let restarts = killer?;
-    let finals = driver::final_statuses(&target.addr, &enqueue.enqueued).await?;
+    // Memory is sampled under the scenario's load only: the end-of-run check below reads every
+    // job back, which fills the server's read caches and is not part of the load.
     let (rss_samples, sampled_peak) = match sampler {
         Some(sampler) => {
             let (samples, peak) = sampler.finish().await;
@@ -537,6 +538,7 @@ async fn measure(
         }
         None => (Vec::new(), None),
     };
+    let finals = driver::final_statuses(&target.addr, &enqueue.enqueued).await?;
     let peak_rss = sampled_peak.map(|p| p.max(target.spawned_peak_rss()));
     let analysis = ledger::analyze(&enqueue.enqueued, ctx.take_runs(), &finals, &ctx.rules());
     Ok(Measured {

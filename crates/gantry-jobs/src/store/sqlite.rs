@@ -46,6 +46,10 @@ pub const MAX_BATCH: usize = 512;
 const QUEUE: usize = 4096;
 /// Read connections (and reads at once).
 const READERS: usize = 4;
+/// Page cache of the writer connection, KiB.
+const WRITER_CACHE_KIB: i64 = 4096;
+/// Page cache of each read connection, KiB.
+const READER_CACHE_KIB: i64 = 1024;
 
 /// How hard commits are pushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -304,6 +308,15 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(db_err)?;
+    // Page caches bound the store's memory: the writer's holds the hot index pages every
+    // transaction touches; readers do point reads and short scans.
+    let cache_kib = if read_only {
+        READER_CACHE_KIB
+    } else {
+        WRITER_CACHE_KIB
+    };
+    conn.pragma_update(None, "cache_size", -cache_kib)
+        .map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
