@@ -15,6 +15,7 @@
 //! **Invariant:** a command's reply is sent only after the transaction holding it committed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use gantry_runtime::retry::RetryPolicy;
 use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, Row, Transaction, params, params_from_iter,
+    Connection, OpenFlags, OptionalExtension, Row, ToSql, Transaction, params, params_from_iter,
 };
 use tokio::sync::oneshot;
 
@@ -404,6 +405,34 @@ fn fail_command(command: Command) -> Pending {
     }
 }
 
+/// Runs `f` inside a savepoint: on error, what it wrote is rolled back and the rest of the
+/// transaction stands. The savepoint statements are prepared once, not parsed per command.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let run = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map_err(db_err)
+    };
+    run("SAVEPOINT command")?;
+    match f(conn) {
+        Ok(v) => {
+            run("RELEASE command")?;
+            Ok(v)
+        }
+        Err(e) => {
+            if let Err(undo) = run("ROLLBACK TO command").and_then(|_| run("RELEASE command")) {
+                return Err(StoreError::Database(format!(
+                    "{e}; then the rollback failed: {undo}"
+                )));
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Runs one command in its own savepoint and returns how to answer it once the commit is known.
 fn run_command(tx: &mut Transaction<'_>, command: Command) -> Pending {
     fn answer<T: Send + 'static>(
@@ -411,14 +440,7 @@ fn run_command(tx: &mut Transaction<'_>, command: Command) -> Pending {
         reply: Reply<T>,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Pending {
-        let result = match tx.savepoint() {
-            Ok(sp) => match f(&sp) {
-                Ok(v) => sp.commit().map_err(db_err).map(|()| v),
-                // Dropping the savepoint rolls back this command only.
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(db_err(e)),
-        };
+        let result = in_savepoint(tx, f);
         Box::new(move |commit: Result<(), &StoreError>| {
             let result = match (result, commit) {
                 (Ok(v), Ok(())) => Ok(v),
@@ -445,8 +467,9 @@ fn run_command(tx: &mut Transaction<'_>, command: Command) -> Pending {
             Ok(match load(t, &id)? {
                 None => Err(JobError::NotFound(id)),
                 Some(mut job) => {
+                    let before = Saved::of(&job);
                     let effect = machine::cancel(&mut job, now);
-                    save(t, &job)?;
+                    save(t, &before, &job)?;
                     Ok((job, effect))
                 }
             })
@@ -454,12 +477,12 @@ fn run_command(tx: &mut Transaction<'_>, command: Command) -> Pending {
         Command::Retry(id, now, reply) => answer(tx, reply, |t| {
             Ok(match load(t, &id)? {
                 None => Err(JobError::NotFound(id)),
-                Some(mut job) => match machine::retry(&mut job, now) {
-                    Ok(()) => {
-                        save(t, &job)?;
+                Some(mut job) => match (Saved::of(&job), machine::retry(&mut job, now)) {
+                    (before, Ok(())) => {
+                        save(t, &before, &job)?;
                         Ok(job)
                     }
-                    Err(r) => Err(r.into()),
+                    (_, Err(r)) => Err(r.into()),
                 },
             })
         }),
@@ -546,29 +569,101 @@ fn insert(tx: &Connection, job: &Job) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writes back the fields a transition may change.
-fn save(tx: &Connection, job: &Job) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE jobs SET status = ?2, attempt = ?3, error = ?4, result = ?5, run_at = ?6, \
-         started_at = ?7, completed_at = ?8, lease_until = ?9, worker_id = ?10, \
-         cancel_requested = ?11, attempt_base = ?12 WHERE id = ?1",
-    )
-    .map_err(db_err)?
-    .execute(params![
-        job.id,
-        job.status.code(),
-        job.attempt,
-        job.error,
-        job.result,
-        job.run_at,
-        job.started_at,
-        job.completed_at,
-        job.lease_until,
-        job.worker_id,
-        job.cancel_requested,
-        job.attempt_base,
-    ])
-    .map_err(db_err)?;
+/// The columns a transition may change, as they were before it.
+struct Saved {
+    status: Status,
+    attempt: u32,
+    error: Option<String>,
+    result: Option<Vec<u8>>,
+    run_at: Millis,
+    started_at: Option<Millis>,
+    completed_at: Option<Millis>,
+    lease_until: Option<Millis>,
+    worker_id: Option<String>,
+    cancel_requested: bool,
+    attempt_base: u32,
+}
+
+impl Saved {
+    fn of(job: &Job) -> Self {
+        Self {
+            status: job.status,
+            attempt: job.attempt,
+            error: job.error.clone(),
+            result: job.result.clone(),
+            run_at: job.run_at,
+            started_at: job.started_at,
+            completed_at: job.completed_at,
+            lease_until: job.lease_until,
+            worker_id: job.worker_id.clone(),
+            cancel_requested: job.cancel_requested,
+            attempt_base: job.attempt_base,
+        }
+    }
+}
+
+/// Writes back the columns a transition changed, and only those: an index none of whose
+/// columns changed is left alone (a claim does not touch `jobs_finished`, for one).
+fn save(tx: &Connection, before: &Saved, job: &Job) -> Result<(), StoreError> {
+    let status = job.status.code();
+    let columns: [(&str, bool, &dyn ToSql); 11] = [
+        ("status", before.status != job.status, &status),
+        ("attempt", before.attempt != job.attempt, &job.attempt),
+        ("error", before.error != job.error, &job.error),
+        ("result", before.result != job.result, &job.result),
+        ("run_at", before.run_at != job.run_at, &job.run_at),
+        (
+            "started_at",
+            before.started_at != job.started_at,
+            &job.started_at,
+        ),
+        (
+            "completed_at",
+            before.completed_at != job.completed_at,
+            &job.completed_at,
+        ),
+        (
+            "lease_until",
+            before.lease_until != job.lease_until,
+            &job.lease_until,
+        ),
+        (
+            "worker_id",
+            before.worker_id != job.worker_id,
+            &job.worker_id,
+        ),
+        (
+            "cancel_requested",
+            before.cancel_requested != job.cancel_requested,
+            &job.cancel_requested,
+        ),
+        (
+            "attempt_base",
+            before.attempt_base != job.attempt_base,
+            &job.attempt_base,
+        ),
+    ];
+    let mut sql = String::from("UPDATE jobs SET ");
+    let mut values: Vec<&dyn ToSql> = Vec::with_capacity(columns.len() + 1);
+    for (name, changed, value) in columns {
+        if changed {
+            if !values.is_empty() {
+                sql.push_str(", ");
+            }
+            values.push(value);
+            let _ = write!(sql, "{name} = ?{}", values.len());
+        }
+    }
+    if values.is_empty() {
+        return Ok(());
+    }
+    values.push(&job.id);
+    let _ = write!(sql, " WHERE id = ?{}", values.len());
+    // One cached statement per set of changed columns; transitions produce only a handful.
+    tx.prepare_cached(&sql)
+        .map_err(db_err)?
+        .execute(params_from_iter(values))
+        .map_err(db_err)?;
     Ok(())
 }
 
@@ -781,10 +876,11 @@ fn claim(
                     }
                     *n -= 1;
                 }
+                let before = Saved::of(&job);
                 machine::claim(&mut job, &req.worker_id, now).map_err(|e| {
                     StoreError::Database(format!("claim of a due job refused: {e}"))
                 })?;
-                save(tx, &job)?;
+                save(tx, &before, &job)?;
                 taken.push(job);
             }
             if !skipped {
@@ -803,9 +899,10 @@ fn ack(tx: &Connection, acks: Vec<Ack>, now: Millis) -> Result<AckResults, Store
             out.push(Err(JobError::NotFound(a.job_id)));
             continue;
         };
+        let before = Saved::of(&job);
         match machine::ack(&mut job, a.attempt, a.outcome, now, rand::random::<f64>()) {
             Ok(effect) => {
-                save(tx, &job)?;
+                save(tx, &before, &job)?;
                 out.push(Ok((job, effect)));
             }
             Err(r) => out.push(Err(r.into())),
@@ -828,8 +925,9 @@ fn abandon(
         if job.status != Status::Running || job.attempt != attempt {
             continue;
         }
+        let before = Saved::of(&job);
         if let Ok(effect) = machine::abandon(&mut job, reason, now) {
-            save(tx, &job)?;
+            save(tx, &before, &job)?;
             out.push((job, effect));
         }
     }
@@ -846,8 +944,9 @@ fn expire(tx: &Connection, now: Millis) -> Result<Vec<(Job, AckEffect)>, StoreEr
     )?;
     let mut out = Vec::with_capacity(jobs.len());
     for mut job in jobs {
+        let before = Saved::of(&job);
         if let Ok(effect) = machine::expire(&mut job, now, rand::random::<f64>()) {
-            save(tx, &job)?;
+            save(tx, &before, &job)?;
             out.push((job, effect));
         }
     }
@@ -866,9 +965,10 @@ fn heartbeat(
             out.push(Err(JobError::NotFound(id)));
             continue;
         };
+        let before = Saved::of(&job);
         match machine::heartbeat(&mut job, attempt, extend, now) {
             Ok(until) => {
-                save(tx, &job)?;
+                save(tx, &before, &job)?;
                 out.push(Ok(until));
             }
             Err(r) => out.push(Err(r.into())),
