@@ -18,6 +18,7 @@ const BUILD: BuildInfo = BuildInfo {
 /// Exit codes shared by every command.
 mod jobs;
 mod jobs_cli;
+mod observer_cli;
 
 mod exit {
     pub const OK: u8 = 0;
@@ -69,8 +70,9 @@ enum Command {
     Jobs(JobsCommand),
     /// Elasticsearch-compatible search (not built yet).
     Search(NotBuilt),
-    /// PostgreSQL change observer (not built yet).
-    Observer(NotBuilt),
+    /// PostgreSQL change observer.
+    #[command(subcommand)]
+    Observer(observer_cli::ObserverCommand),
     /// Device fleet rollouts (not built yet).
     Fleet(NotBuilt),
     /// Load benchmarks: drive a running server and judge the seed's pass criteria.
@@ -251,7 +253,7 @@ fn main() -> ExitCode {
         },
         Command::Jobs(command) => jobs_client(command),
         Command::Search(_) => not_built("search"),
-        Command::Observer(_) => not_built("observer"),
+        Command::Observer(command) => run(async move { Ok(observer_cli::run(command).await) }),
         Command::Fleet(_) => not_built("fleet"),
         Command::Bench(BenchCommand::Jobs(args)) => run(gantry_bench::jobs::run(args)),
     };

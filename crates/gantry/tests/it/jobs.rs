@@ -278,7 +278,7 @@ fn the_reseolio_npm_sdk_runs_jobs_unmodified() {
     assert_eq!(flaky["jobs"][0]["attempt"], 2);
 }
 
-fn database_url() -> String {
+pub fn database_url() -> String {
     std::env::var("GANTRY_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }

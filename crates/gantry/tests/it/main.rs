@@ -5,6 +5,7 @@
 mod bench;
 mod cli;
 mod jobs;
+mod observer;
 mod serve;
 
 use std::process::Command;

@@ -1,0 +1,236 @@
+//! The observer file: which tables are watched and by which observers.
+//!
+//! ```toml
+//! [[observers]]
+//! name = "order-created"
+//! entity = "orders"            # a table: `name` (schema `public`) or `schema.name`
+//! events = ["INSERT"]          # INSERT, UPDATE, DELETE; all three when left out
+//! ```
+//!
+//! Unknown keys and bad values are errors naming the file, line and key; an observer problem
+//! (duplicate name, malformed entity) names the observer.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// A row operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+pub enum EventType {
+    /// A row was inserted.
+    #[serde(rename = "INSERT")]
+    Insert,
+    /// A row was updated.
+    #[serde(rename = "UPDATE")]
+    Update,
+    /// A row was deleted.
+    #[serde(rename = "DELETE")]
+    Delete,
+}
+
+impl EventType {
+    /// Its name, as PostgreSQL's `TG_OP` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Insert => "INSERT",
+            EventType::Update => "UPDATE",
+            EventType::Delete => "DELETE",
+        }
+    }
+
+    /// The inverse of [`EventType::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "INSERT" => Some(EventType::Insert),
+            "UPDATE" => Some(EventType::Update),
+            "DELETE" => Some(EventType::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// A watched table.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Entity {
+    /// Its schema (`public` when the config names none).
+    pub schema: String,
+    /// The table.
+    pub table: String,
+}
+
+impl Entity {
+    /// Parses `table` or `schema.table`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (schema, table) = match s.split_once('.') {
+            Some((schema, table)) => (schema, table),
+            None => ("public", s),
+        };
+        let ok = |part: &str| !part.is_empty() && !part.contains(['.', '\0']);
+        (ok(schema) && ok(table)).then(|| Entity {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+        })
+    }
+
+    /// The entity name events carry: `table` for `public`, else `schema.table`.
+    pub fn name(&self) -> String {
+        if self.schema == "public" {
+            self.table.clone()
+        } else {
+            format!("{}.{}", self.schema, self.table)
+        }
+    }
+
+    /// The quoted, schema-qualified table for SQL.
+    pub fn sql(&self) -> String {
+        format!(
+            "{}.{}",
+            crate::ident(&self.schema),
+            crate::ident(&self.table)
+        )
+    }
+}
+
+/// One observer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Observer {
+    /// Unique within the file.
+    pub name: String,
+    /// The table it watches.
+    pub entity: String,
+    /// The operations it reacts to.
+    #[serde(default = "all_events")]
+    pub events: Vec<EventType>,
+}
+
+fn all_events() -> Vec<EventType> {
+    vec![EventType::Insert, EventType::Update, EventType::Delete]
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObserverConfig {
+    /// The observers.
+    #[serde(default)]
+    pub observers: Vec<Observer>,
+}
+
+impl ObserverConfig {
+    /// Parses and checks a config's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, Error> {
+        let config: ObserverConfig = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("{line}:{col}: ")
+                })
+                .unwrap_or_default();
+            Error::Config(format!("{origin}:{at}{}", e.message()))
+        })?;
+        let mut names = HashSet::new();
+        for o in &config.observers {
+            if o.name.trim().is_empty() {
+                return Err(Error::Config(format!(
+                    "{origin}: an observer has an empty name"
+                )));
+            }
+            if !names.insert(o.name.as_str()) {
+                return Err(Error::Config(format!(
+                    "{origin}: observer {:?}: the name is used twice",
+                    o.name
+                )));
+            }
+            if Entity::parse(&o.entity).is_none() {
+                return Err(Error::Config(format!(
+                    "{origin}: observer {:?}: entity {:?} is not `table` or `schema.table`",
+                    o.name, o.entity
+                )));
+            }
+            if o.events.is_empty() {
+                return Err(Error::Config(format!(
+                    "{origin}: observer {:?}: events is empty",
+                    o.name
+                )));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The tables some observer watches.
+    pub fn entities(&self) -> BTreeSet<Entity> {
+        self.observers
+            .iter()
+            .filter_map(|o| Entity::parse(&o.entity))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_observers_and_defaults_events() {
+        let c = ObserverConfig::parse(
+            "[[observers]]\nname = \"a\"\nentity = \"orders\"\nevents = [\"INSERT\"]\n\n\
+             [[observers]]\nname = \"b\"\nentity = \"shop.items\"\n",
+            "t.toml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.observers[0].events, vec![EventType::Insert]);
+        assert_eq!(c.observers[1].events.len(), 3);
+        let entities: Vec<String> = c.entities().iter().map(Entity::name).collect();
+        assert_eq!(entities, vec!["orders", "shop.items"]);
+    }
+
+    #[test]
+    fn errors_name_the_line_key_or_observer() {
+        let e = ObserverConfig::parse(
+            "[[observers]]\nname = \"a\"\nentity = \"orders\"\nevnts = []\n",
+            "t.toml",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.starts_with("t.toml:4:1: unknown field `evnts`"), "{e}");
+        let e = ObserverConfig::parse(
+            "[[observers]]\nname = \"a\"\nentity = \"orders\"\nevents = [\"UPSERT\"]\n",
+            "t.toml",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.starts_with("t.toml:4:"), "{e}");
+        let e = ObserverConfig::parse(
+            "[[observers]]\nname = \"a\"\nentity = \"orders\"\n[[observers]]\nname = \"a\"\nentity = \"x\"\n",
+            "t.toml",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert_eq!(e, "t.toml: observer \"a\": the name is used twice");
+        let e = ObserverConfig::parse(
+            "[[observers]]\nname = \"a\"\nentity = \"a.b.c\"\n",
+            "t.toml",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("observer \"a\": entity \"a.b.c\""), "{e}");
+    }
+}

@@ -1,0 +1,163 @@
+//! `gantry observer install|uninstall`: the observer's schema in the watched database.
+//!
+//! Exit codes: 0 ok, 1 error, 2 config (the file cannot be read or parsed), 3 cannot connect,
+//! 4 validation (the config names a table the database does not have).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use gantry_observer::config::ObserverConfig;
+use gantry_observer::schema::{self, DEFAULT_SCHEMA};
+use tokio_postgres::{Client, NoTls};
+
+/// Observer exit codes.
+mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const CONFIG: u8 = 2;
+    pub const CANNOT_CONNECT: u8 = 3;
+    pub const VALIDATION: u8 = 4;
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ObserverCommand {
+    /// Creates or updates the change-log table, checkpoints and the triggers on every table the
+    /// config watches (idempotent; triggers on tables no longer watched are dropped).
+    Install {
+        /// The watched database, e.g. postgres://user@host/db.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// The observer config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The PostgreSQL schema holding the observer's tables.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_SCHEMA)]
+        schema: String,
+        /// Print a JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drops the observer's schema: change log, checkpoints and every trigger it installed.
+    Uninstall {
+        /// The watched database.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// The PostgreSQL schema holding the observer's tables.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_SCHEMA)]
+        schema: String,
+        /// Print a JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn failure(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+async fn connect(url: &str) -> Result<Client, Failure> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(|e| {
+        failure(
+            exit::CANNOT_CONNECT,
+            format!("cannot connect to {url}: {e}"),
+        )
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "observer database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+fn db_failure(e: gantry_observer::Error) -> Failure {
+    match e {
+        gantry_observer::Error::Config(m) => failure(exit::VALIDATION, m),
+        other => failure(exit::ERROR, other.to_string()),
+    }
+}
+
+/// Runs an observer command; returns the exit code.
+pub async fn run(command: ObserverCommand) -> u8 {
+    let result = match command {
+        ObserverCommand::Install {
+            database,
+            config,
+            schema,
+            json,
+        } => install(&database, &config, &schema, json).await,
+        ObserverCommand::Uninstall {
+            database,
+            schema,
+            json,
+        } => uninstall(&database, &schema, json).await,
+    };
+    match result {
+        Ok(()) => exit::OK,
+        Err(f) => {
+            eprintln!("gantry observer: {}", f.message);
+            f.code
+        }
+    }
+}
+
+async fn install(url: &str, config: &Path, schema: &str, json: bool) -> Result<(), Failure> {
+    let config = ObserverConfig::load(config).map_err(|e| failure(exit::CONFIG, e.to_string()))?;
+    let entities: BTreeSet<_> = config.entities();
+    let mut client = connect(url).await?;
+    let done = schema::install(&mut client, schema, &entities)
+        .await
+        .map_err(db_failure)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "schema": schema,
+                "migrations_applied": done.migrations_applied,
+                "watched": done.watched,
+                "unwatched": done.unwatched,
+            })
+        );
+    } else {
+        let watched = if done.watched.is_empty() {
+            "no tables".to_owned()
+        } else {
+            done.watched.join(", ")
+        };
+        println!(
+            "installed schema {schema}: watching {watched} ({} migration(s) applied)",
+            done.migrations_applied
+        );
+        if !done.unwatched.is_empty() {
+            println!("no longer watching {}", done.unwatched.join(", "));
+        }
+    }
+    Ok(())
+}
+
+async fn uninstall(url: &str, schema: &str, json: bool) -> Result<(), Failure> {
+    let mut client = connect(url).await?;
+    let removed = schema::uninstall(&mut client, schema)
+        .await
+        .map_err(db_failure)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "schema": schema, "removed": removed })
+        );
+    } else if removed {
+        println!("removed schema {schema} and its triggers");
+    } else {
+        println!("schema {schema} was not installed; nothing to remove");
+    }
+    Ok(())
+}
