@@ -5,6 +5,7 @@
 //! name = "order-created"
 //! entity = "orders"            # a table: `name` (schema `public`) or `schema.name`
 //! events = ["INSERT"]          # INSERT, UPDATE, DELETE; all three when left out
+//! condition = "data.total >= 100 && data.status == 'new'"   # optional; see `condition`
 //! ```
 //!
 //! Unknown keys and bad values are errors naming the file, line and key; an observer problem
@@ -16,6 +17,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::condition::Condition;
 
 /// A row operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -105,6 +107,18 @@ pub struct Observer {
     /// The operations it reacts to.
     #[serde(default = "all_events")]
     pub events: Vec<EventType>,
+    /// Only events for which this holds (see [`crate::condition`]); checked at load.
+    #[serde(default)]
+    pub condition: Option<String>,
+}
+
+impl Observer {
+    /// The parsed condition (`None`: every event matches). Loading checked it parses.
+    pub fn parsed_condition(&self) -> Option<Condition> {
+        self.condition
+            .as_deref()
+            .and_then(|c| Condition::parse(c).ok())
+    }
 }
 
 fn all_events() -> Vec<EventType> {
@@ -159,6 +173,21 @@ impl ObserverConfig {
                     "{origin}: observer {:?}: events is empty",
                     o.name
                 )));
+            }
+            if let Some(source) = &o.condition {
+                let condition = Condition::parse(source).map_err(|e| {
+                    Error::Config(format!(
+                        "{origin}: observer {:?}: condition {source:?}: {e}",
+                        o.name
+                    ))
+                })?;
+                let needs = condition.needs();
+                if let Some(why) = o.events.iter().find_map(|&op| needs.refuses(op)) {
+                    return Err(Error::Config(format!(
+                        "{origin}: observer {:?}: condition {source:?}: {why}",
+                        o.name
+                    )));
+                }
             }
         }
         Ok(config)
@@ -232,5 +261,32 @@ mod tests {
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(e.contains("observer \"a\": entity \"a.b.c\""), "{e}");
+    }
+
+    #[test]
+    fn conditions_are_checked_at_load() {
+        let load = |events: &str, condition: &str| {
+            ObserverConfig::parse(
+                &format!(
+                    "[[observers]]\nname = \"a\"\nentity = \"orders\"\nevents = {events}\n\
+                     condition = {condition:?}\n"
+                ),
+                "t.toml",
+            )
+            .map_err(|e| e.to_string())
+        };
+        let ok = load("[\"UPDATE\"]", "changed_to('status', 'shipped')").unwrap();
+        assert!(ok.observers[0].parsed_condition().is_some());
+        let e = load("[\"UPDATE\"]", "data.total => 1").unwrap_err();
+        assert!(
+            e.starts_with("t.toml: observer \"a\": condition \"data.total => 1\": column 12: unexpected character"),
+            "{e}"
+        );
+        let e = load("[\"UPDATE\"]", "shipped(data.a)").unwrap_err();
+        assert!(e.contains("unknown function shipped()"), "{e}");
+        let e = load("[\"INSERT\", \"UPDATE\"]", "field_changed('status')").unwrap_err();
+        assert!(e.contains("INSERT events have only one"), "{e}");
+        let e = load("[\"INSERT\"]", "before.status == 'x'").unwrap_err();
+        assert!(e.contains("INSERT events have none"), "{e}");
     }
 }

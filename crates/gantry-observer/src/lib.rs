@@ -1,6 +1,7 @@
 //! The observer: PostgreSQL row changes turned into events, delivered exactly once per observer
 //! set to what acts on them.
 //!
+//! - [`condition`]: the condition language observers filter events with.
 //! - [`config`]: the observer file (which tables are watched, and by whom).
 //! - [`schema`]: `install` / `uninstall` of the change-log table, its triggers and the
 //!   observer's own tables, idempotently.
@@ -9,6 +10,7 @@
 //!   `docs/observer-capture.md`.
 
 pub mod capture;
+pub mod condition;
 pub mod config;
 pub mod schema;
 

@@ -38,6 +38,16 @@ pub enum ObserverCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Checks an observer config file (keys, entities, conditions) without touching a database;
+    /// exits 0 when valid, 2 when not.
+    ValidateConfig {
+        /// The observer config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print a JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drops the observer's schema: change log, checkpoints and every trigger it installed.
     Uninstall {
         /// The watched database.
@@ -100,6 +110,7 @@ pub async fn run(command: ObserverCommand) -> u8 {
             schema,
             json,
         } => uninstall(&database, &schema, json).await,
+        ObserverCommand::ValidateConfig { config, json } => validate(&config, json),
     };
     match result {
         Ok(()) => exit::OK,
@@ -139,6 +150,48 @@ async fn install(url: &str, config: &Path, schema: &str, json: bool) -> Result<(
         );
         if !done.unwatched.is_empty() {
             println!("no longer watching {}", done.unwatched.join(", "));
+        }
+    }
+    Ok(())
+}
+
+fn validate(path: &Path, json: bool) -> Result<(), Failure> {
+    let config = ObserverConfig::load(path).map_err(|e| failure(exit::CONFIG, e.to_string()))?;
+    if json {
+        let observers: Vec<_> = config
+            .observers
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "name": o.name,
+                    "entity": o.entity,
+                    "events": o.events.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
+                    "condition": o.condition,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "valid": true, "observers": observers })
+        );
+    } else {
+        println!(
+            "{}: valid, {} observer(s)",
+            path.display(),
+            config.observers.len()
+        );
+        for o in &config.observers {
+            let events: Vec<&str> = o.events.iter().map(|e| e.as_str()).collect();
+            println!(
+                "  {}: {} on {}{}",
+                o.name,
+                events.join("|"),
+                o.entity,
+                o.condition
+                    .as_deref()
+                    .map(|c| format!(" when {c}"))
+                    .unwrap_or_default()
+            );
         }
     }
     Ok(())

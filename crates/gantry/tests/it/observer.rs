@@ -155,3 +155,36 @@ fn install_errors_have_their_exit_codes() {
     ]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
 }
+
+#[test]
+fn validate_config_checks_conditions_without_a_database() {
+    let dir = temp_dir("observer-validate");
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[[observers]]\nname = \"shipped\"\nentity = \"orders\"\nevents = [\"UPDATE\"]\n\
+         condition = \"changed_to('status', 'shipped') && data.total == 100\"\n",
+    )
+    .unwrap();
+    let out = observer(&[
+        "validate-config",
+        "--config",
+        good.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["observers"][0]["events"], serde_json::json!(["UPDATE"]));
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[observers]]\nname = \"created\"\nentity = \"orders\"\nevents = [\"INSERT\"]\n\
+         condition = \"field_changed('status')\"\n",
+    )
+    .unwrap();
+    let out = observer(&["validate-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("observer \"created\""), "{stderr}");
+    assert!(stderr.contains("INSERT events have only one"), "{stderr}");
+}
