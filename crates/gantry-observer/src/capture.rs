@@ -278,3 +278,115 @@ impl Capture {
         Ok(row.get::<_, i64>(0).max(0))
     }
 }
+
+/// One observer set's checkpoint as stored, for status reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetStatus {
+    /// The observer set.
+    pub set: String,
+    /// Where it stands.
+    pub position: Position,
+    /// Its fencing epoch (how many times it was taken over).
+    pub epoch: i64,
+    /// Changes it has not passed yet.
+    pub pending: i64,
+    /// Age of the oldest change it has not passed, milliseconds (0 when caught up).
+    pub lag_ms: i64,
+    /// When its checkpoint last moved, milliseconds since the Unix epoch.
+    pub updated_at_ms: i64,
+}
+
+/// The state of an installed change log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogStatus {
+    /// Rows in the change log (not yet pruned).
+    pub changes: i64,
+    /// Tables with the capture trigger.
+    pub watched: Vec<String>,
+    /// Every observer set's checkpoint.
+    pub sets: Vec<SetStatus>,
+}
+
+/// Reads the state of the change log in `schema`; `None` when it is not installed.
+pub async fn status(client: &impl GenericClient, schema: &str) -> Result<Option<LogStatus>, Error> {
+    let installed: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{}.checkpoints", ident(schema))],
+        )
+        .await?
+        .get(0);
+    if !installed {
+        return Ok(None);
+    }
+    let s = ident(schema);
+    let changes: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {s}.changes"), &[])
+        .await?
+        .get(0);
+    let watched = client
+        .query(
+            "SELECT DISTINCT n.nspname, c.relname FROM pg_trigger t
+             JOIN pg_class c ON c.oid = t.tgrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE t.tgname = $1 ORDER BY 1, 2",
+            &[&format!("{schema}_capture")],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            crate::config::Entity {
+                schema: r.get(0),
+                table: r.get(1),
+            }
+            .name()
+        })
+        .collect();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT observer_set, lo::text, hi::text, last_id, epoch,
+                        (extract(epoch FROM updated_at) * 1000)::bigint
+                 FROM {s}.checkpoints ORDER BY observer_set"
+            ),
+            &[],
+        )
+        .await?;
+    let mut sets = Vec::with_capacity(rows.len());
+    for r in rows {
+        let set: String = r.get(0);
+        let position = Position {
+            lo: xid(r.get(1))?,
+            hi: xid(r.get(2))?,
+            last_id: r.get(3),
+        };
+        let pending: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {s}.changes
+                     WHERE xid >= $1::text::xid8 AND NOT (xid < $2::text::xid8 AND id <= $3)"
+                ),
+                &[
+                    &position.lo.to_string(),
+                    &position.hi.to_string(),
+                    &position.last_id,
+                ],
+            )
+            .await?
+            .get(0);
+        let lag_ms = Capture::new(schema, &set).lag_ms(client, position).await?;
+        sets.push(SetStatus {
+            set,
+            position,
+            epoch: r.get(4),
+            pending,
+            lag_ms,
+            updated_at_ms: r.get(5),
+        });
+    }
+    Ok(Some(LogStatus {
+        changes,
+        watched,
+        sets,
+    }))
+}

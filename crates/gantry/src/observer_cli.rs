@@ -1,7 +1,8 @@
 //! `gantry observer install|uninstall`: the observer's schema in the watched database.
 //!
 //! Exit codes: 0 ok, 1 error, 2 config (the file cannot be read or parsed), 3 cannot connect,
-//! 4 validation (the config names a table the database does not have).
+//! 4 validation (the config names a table the database does not have), 5 not found (`status`
+//! of a schema that is not installed).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ mod exit {
     pub const CONFIG: u8 = 2;
     pub const CANNOT_CONNECT: u8 = 3;
     pub const VALIDATION: u8 = 4;
+    pub const NOT_FOUND: u8 = 5;
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,6 +47,19 @@ pub enum ObserverCommand {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Print a JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The change log: watched tables, rows not yet pruned, and each observer set's position,
+    /// pending changes and lag.
+    Status {
+        /// The watched database.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// The PostgreSQL schema holding the observer's tables.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_SCHEMA)]
+        schema: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -111,6 +126,11 @@ pub async fn run(command: ObserverCommand) -> u8 {
             json,
         } => uninstall(&database, &schema, json).await,
         ObserverCommand::ValidateConfig { config, json } => validate(&config, json),
+        ObserverCommand::Status {
+            database,
+            schema,
+            json,
+        } => status(&database, &schema, json).await,
     };
     match result {
         Ok(()) => exit::OK,
@@ -150,6 +170,74 @@ async fn install(url: &str, config: &Path, schema: &str, json: bool) -> Result<(
         );
         if !done.unwatched.is_empty() {
             println!("no longer watching {}", done.unwatched.join(", "));
+        }
+    }
+    Ok(())
+}
+
+async fn status(url: &str, schema: &str, json: bool) -> Result<(), Failure> {
+    let client = connect(url).await?;
+    let Some(st) = gantry_observer::capture::status(&client, schema)
+        .await
+        .map_err(db_failure)?
+    else {
+        return Err(failure(
+            exit::NOT_FOUND,
+            format!("schema {schema} is not installed (gantry observer install)"),
+        ));
+    };
+    if json {
+        let sets: Vec<_> = st
+            .sets
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "observer_set": s.set,
+                    "lo": s.position.lo.to_string(),
+                    "hi": s.position.hi.to_string(),
+                    "last_id": s.position.last_id,
+                    "epoch": s.epoch,
+                    "pending": s.pending,
+                    "lag_ms": s.lag_ms,
+                    "updated_at_ms": s.updated_at_ms,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "schema": schema,
+                "changes": st.changes,
+                "watched": st.watched,
+                "observer_sets": sets,
+            })
+        );
+    } else {
+        println!(
+            "schema {schema}: {} change(s) in the log; watching {}",
+            st.changes,
+            if st.watched.is_empty() {
+                "no tables".to_owned()
+            } else {
+                st.watched.join(", ")
+            }
+        );
+        if st.sets.is_empty() {
+            println!("no observer set has read the log yet");
+        } else {
+            println!(
+                "{:<24} {:>8} {:>10} {:>10}",
+                "OBSERVER SET", "EPOCH", "PENDING", "LAG"
+            );
+            for s in &st.sets {
+                println!(
+                    "{:<24} {:>8} {:>10} {:>9.1}s",
+                    s.set,
+                    s.epoch,
+                    s.pending,
+                    s.lag_ms as f64 / 1000.0
+                );
+            }
         }
     }
     Ok(())

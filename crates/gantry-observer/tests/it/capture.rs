@@ -312,6 +312,19 @@ async fn pruning_keeps_what_the_slowest_set_has_not_passed() {
     );
     fast.save(&f.client, pos, fast_held.epoch).await.unwrap();
     assert_eq!(fast.prune(&f.client, 1000).await.unwrap(), 0);
+    let st = gantry_observer::capture::status(&f.client, &f.schema)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.changes, 5);
+    assert_eq!(st.watched, vec![t.clone()]);
+    let sets: Vec<(&str, i64)> = st
+        .sets
+        .iter()
+        .map(|s| (s.set.as_str(), s.pending))
+        .collect();
+    assert_eq!(sets, vec![("fast", 0), ("slow", 5)]);
+    assert!(st.sets[1].lag_ms >= 0);
     let mut slow_pos = slow_held.position;
     assert_eq!(
         read_n(&mut f.client, &slow, &mut slow_pos, 100, 5)

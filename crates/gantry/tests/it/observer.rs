@@ -75,9 +75,19 @@ async fn install_captures_changes_and_uninstall_removes_everything() {
     assert_eq!(rows[0].get::<_, String>(1), "INSERT");
     assert_eq!(rows[0].get::<_, String>(2), "new");
 
+    let out = observer(&["status", "--database", &url, "--schema", &schema, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["changes"], 1);
+    assert_eq!(st["watched"], serde_json::json!([table]));
+    assert_eq!(st["observer_sets"], serde_json::json!([]));
+
     let out = observer(&["uninstall", "--database", &url, "--schema", &schema]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed schema"));
+    let out = observer(&["status", "--database", &url, "--schema", &schema]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not installed"));
     let left = sql(&format!(
         "SELECT 1 FROM pg_namespace WHERE nspname = '{schema}'
          UNION ALL SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
