@@ -15,6 +15,7 @@ const BUILD: BuildInfo = BuildInfo {
     commit: env!("GANTRY_COMMIT"),
 };
 
+mod fleet_cli;
 /// Exit codes shared by every command.
 mod jobs;
 mod jobs_cli;
@@ -73,8 +74,9 @@ enum Command {
     /// PostgreSQL change observer.
     #[command(subcommand)]
     Observer(observer_cli::ObserverCommand),
-    /// Device fleet rollouts (not built yet).
-    Fleet(NotBuilt),
+    /// Device fleet rollouts (so far: the device registry).
+    #[command(subcommand)]
+    Fleet(fleet_cli::FleetCommand),
     /// Load benchmarks: drive a running server and judge the seed's pass criteria.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -254,7 +256,7 @@ fn main() -> ExitCode {
         Command::Jobs(command) => jobs_client(command),
         Command::Search(_) => not_built("search"),
         Command::Observer(command) => run(async move { Ok(observer_cli::run(command).await) }),
-        Command::Fleet(_) => not_built("fleet"),
+        Command::Fleet(command) => fleet_cli::run(command),
         Command::Bench(BenchCommand::Jobs(args)) => run(gantry_bench::jobs::run(args)),
     };
     ExitCode::from(code)

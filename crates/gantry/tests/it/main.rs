@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod fleet;
 mod jobs;
 mod observer;
 mod serve;
