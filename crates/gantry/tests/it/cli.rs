@@ -111,7 +111,10 @@ fn serve_with_a_bad_config_exits_2_before_starting() {
 
 #[test]
 fn systems_not_built_yet_say_so_and_fail() {
-    let out = gantry().args(["search", "list", "--json"]).output().unwrap();
+    let out = gantry()
+        .args(["search", "list", "--json"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty(), "search printed output");
     let stderr = String::from_utf8(out.stderr).unwrap();
