@@ -1,9 +1,11 @@
 //! Fleet: rolling software updates out to devices.
 //!
 //! - [`registry`]: the device registry (SQLite): devices, their tags, group, location, version,
-//!   last-seen time and health; target filters; CSV and JSON import and export.
+//!   last-seen time and health; target filters; CSV and JSON import and export; artifacts.
+//! - [`artifact`]: Ed25519 keys, hashing and signing of artifact files.
 //!
-//! Not built yet: artifacts and signing, rollouts (waves, health gates, auto-abort), HTTP and SSH
+//! Not built yet: rollouts (waves, health gates, auto-abort), HTTP and SSH
 //! delivery, the device simulator, the REST API.
 
+pub mod artifact;
 pub mod registry;

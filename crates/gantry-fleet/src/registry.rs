@@ -15,7 +15,7 @@
 //! replaces its tags).
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -251,7 +251,8 @@ pub const CSV_HEADER: [&str; 10] = [
     "health",
 ];
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id           TEXT PRIMARY KEY,
     name         TEXT NOT NULL,
@@ -272,11 +273,44 @@ CREATE TABLE device_tags (
     PRIMARY KEY (tag, device_id)
 ) WITHOUT ROWID;
 CREATE INDEX device_tags_device ON device_tags (device_id);
-"#];
+"#,
+    r#"
+CREATE TABLE artifacts (
+    version    TEXT PRIMARY KEY,
+    path       TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    sha256     TEXT NOT NULL,
+    signature  TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
+];
+
+/// A registered artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Artifact {
+    /// The version it installs.
+    pub version: String,
+    /// The registry's copy of the file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// SHA-256 of its bytes, hex.
+    pub sha256: String,
+    /// Ed25519 signature of the digest, hex.
+    pub signature: String,
+    /// The public key that verifies the signature, hex.
+    pub public_key: String,
+    /// When it was registered, milliseconds since the epoch.
+    pub created_ms: i64,
+}
 
 /// The registry.
 pub struct Registry {
     conn: Connection,
+    /// Where artifact copies live: `artifacts/` beside the database file.
+    artifact_dir: PathBuf,
 }
 
 const COLUMNS: &str = "id, name, address, delivery, grp, location, version, last_seen_ms, health";
@@ -305,7 +339,91 @@ impl Registry {
             tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         }
         tx.commit()?;
-        Ok(Self { conn })
+        let artifact_dir = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("artifacts");
+        Ok(Self { conn, artifact_dir })
+    }
+
+    /// Registers `file` as `version`: copies it into the registry's artifact directory, hashes
+    /// it and signs the digest with `key`. A version can be registered once.
+    pub fn add_artifact(
+        &mut self,
+        version: &str,
+        file: &Path,
+        key: &ed25519_dalek::SigningKey,
+    ) -> Result<Artifact, RegistryError> {
+        let safe = !version.is_empty()
+            && !version.starts_with('.')
+            && version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
+        if !safe {
+            return Err(RegistryError::Invalid(format!(
+                "version {version:?}: use letters, digits and . _ + - (not starting with .)"
+            )));
+        }
+        if self.artifact(version)?.is_some() {
+            return Err(RegistryError::Exists(format!("artifact {version}")));
+        }
+        let dest = self.artifact_dir.join(version);
+        let stored = crate::artifact::store(file, &dest, key)
+            .map_err(|e| RegistryError::Io(e.to_string()))?;
+        let artifact = Artifact {
+            version: version.to_owned(),
+            path: stored.path,
+            size: stored.size,
+            sha256: stored.sha256,
+            signature: stored.signature,
+            public_key: stored.public_key,
+            created_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        };
+        let inserted = self.conn.execute(
+            "INSERT INTO artifacts (version, path, size, sha256, signature, public_key, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                artifact.version,
+                artifact.path.to_string_lossy(),
+                i64::try_from(artifact.size).unwrap_or(i64::MAX),
+                artifact.sha256,
+                artifact.signature,
+                artifact.public_key,
+                artifact.created_ms,
+            ],
+        );
+        if let Err(e) = inserted {
+            let _ = std::fs::remove_file(&dest);
+            return Err(e.into());
+        }
+        Ok(artifact)
+    }
+
+    /// The artifact registered as `version`.
+    pub fn artifact(&self, version: &str) -> Result<Option<Artifact>, RegistryError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT version, path, size, sha256, signature, public_key, created_ms
+                 FROM artifacts WHERE version = ?1",
+                [version],
+                row_to_artifact,
+            )
+            .optional()?)
+    }
+
+    /// Every artifact, newest first.
+    pub fn artifacts(&self) -> Result<Vec<Artifact>, RegistryError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT version, path, size, sha256, signature, public_key, created_ms
+             FROM artifacts ORDER BY created_ms DESC, version",
+        )?;
+        let all = stmt
+            .query_map([], row_to_artifact)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(all)
     }
 
     /// Registers a new device; [`RegistryError::Exists`] if its id is taken.
@@ -614,6 +732,20 @@ fn write_device(tx: &Connection, d: &Device) -> Result<(), RegistryError> {
         insert.execute(params![tag, d.id])?;
     }
     Ok(())
+}
+
+fn row_to_artifact(r: &rusqlite::Row<'_>) -> rusqlite::Result<Artifact> {
+    let path: String = r.get(1)?;
+    let size: i64 = r.get(2)?;
+    Ok(Artifact {
+        version: r.get(0)?,
+        path: PathBuf::from(path),
+        size: u64::try_from(size).unwrap_or(0),
+        sha256: r.get(3)?,
+        signature: r.get(4)?,
+        public_key: r.get(5)?,
+        created_ms: r.get(6)?,
+    })
 }
 
 fn row_to_device(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {

@@ -1,7 +1,9 @@
-//! `gantry fleet devices add|import|export|list|show|remove`: the device registry.
+//! `gantry fleet devices add|import|export|list|show|remove`: the device registry;
+//! `gantry fleet keys generate` and `gantry fleet artifacts add|list|show|verify`.
 //!
-//! Exit codes: 0 ok, 1 error, 2 usage or invalid input (a bad import record, filter or field),
-//! 4 not found (an unknown device).
+//! Exit codes: 0 ok, 1 error (also: an artifact that fails verification), 2 usage or invalid
+//! input (a bad import record, filter, field or key file), 4 not found (an unknown device or
+//! artifact).
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,77 @@ pub enum FleetCommand {
     /// The device registry.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Artifacts: files registered under a version, hashed and signed.
+    #[command(subcommand)]
+    Artifacts(ArtifactsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Writes a new Ed25519 key pair: DIR/NAME.key (secret, mode 0600) and DIR/NAME.pub; never
+    /// overwrites.
+    Generate {
+        /// Where to write them.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out_dir: PathBuf,
+        /// The file name stem.
+        #[arg(long, default_value = "fleet-signing")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    /// Registers FILE as VERSION: copies it beside the registry, computes its SHA-256 and signs
+    /// the digest with the secret key.
+    Add {
+        #[command(flatten)]
+        db: Db,
+        /// The version it installs (letters, digits, `. _ + -`).
+        #[arg(long)]
+        version: String,
+        /// The file.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// The secret key file (from `gantry fleet keys generate`).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists artifacts, newest first.
+    List {
+        #[command(flatten)]
+        db: Db,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows one artifact.
+    Show {
+        #[command(flatten)]
+        db: Db,
+        /// Its version.
+        version: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hashes the registry's copy and checks the signature with a public key, as a device
+    /// does; exits 1 when either does not match.
+    Verify {
+        #[command(flatten)]
+        db: Db,
+        /// Its version.
+        version: String,
+        /// The public key file.
+        #[arg(long, value_name = "PUB")]
+        public_key: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -170,8 +243,12 @@ impl From<RegistryError> for Failure {
 
 /// Runs a fleet command; returns the exit code.
 pub fn run(command: FleetCommand) -> u8 {
-    let FleetCommand::Devices(command) = command;
-    match devices(command) {
+    let result = match command {
+        FleetCommand::Devices(command) => devices(command),
+        FleetCommand::Keys(command) => keys(command),
+        FleetCommand::Artifacts(command) => artifacts(command),
+    };
+    match result {
         Ok(()) => exit::OK,
         Err(f) => {
             eprintln!("gantry fleet: {}", f.message);
@@ -239,6 +316,107 @@ fn print_device(d: &Device) {
 fn json_line(v: &impl serde::Serialize) -> Result<(), Failure> {
     let text = serde_json::to_string(v).map_err(|e| failure(exit::ERROR, e.to_string()))?;
     println!("{text}");
+    Ok(())
+}
+
+fn artifact_failure(e: gantry_fleet::artifact::ArtifactError) -> Failure {
+    use gantry_fleet::artifact::ArtifactError;
+    let code = match e {
+        ArtifactError::BadKey(_) => exit::INVALID,
+        ArtifactError::Io(_) | ArtifactError::Mismatch(_) => exit::ERROR,
+    };
+    failure(code, e.to_string())
+}
+
+fn keys(command: KeysCommand) -> Result<(), Failure> {
+    let KeysCommand::Generate { out_dir, name } = command;
+    let (secret, public) =
+        gantry_fleet::artifact::generate_keys(&out_dir, &name).map_err(artifact_failure)?;
+    println!(
+        "wrote {} (secret: keep it safe) and {} (give it to devices)",
+        secret.display(),
+        public.display()
+    );
+    Ok(())
+}
+
+fn print_artifact(a: &gantry_fleet::registry::Artifact) {
+    println!("version:    {}", a.version);
+    println!("file:       {}", a.path.display());
+    println!("size:       {} bytes", a.size);
+    println!("sha256:     {}", a.sha256);
+    println!("signature:  {}", a.signature);
+    println!("public key: {}", a.public_key);
+    println!("registered: {}", format_time(a.created_ms));
+}
+
+fn artifacts(command: ArtifactsCommand) -> Result<(), Failure> {
+    use gantry_fleet::artifact;
+    match command {
+        ArtifactsCommand::Add {
+            db,
+            version,
+            file,
+            key,
+            json,
+        } => {
+            // An unreadable or malformed key file is bad input either way.
+            let key = artifact::read_signing_key(&key)
+                .map_err(|e| failure(exit::INVALID, e.to_string()))?;
+            let a = open(&db)?.add_artifact(&version, &file, &key)?;
+            if json {
+                json_line(&a)?;
+            } else {
+                print_artifact(&a);
+            }
+        }
+        ArtifactsCommand::List { db, json } => {
+            let all = open(&db)?.artifacts()?;
+            if json {
+                json_line(&all)?;
+            } else {
+                println!("{:<16} {:>12} {:<64}", "VERSION", "BYTES", "SHA256");
+                for a in &all {
+                    println!("{:<16} {:>12} {:<64}", a.version, a.size, a.sha256);
+                }
+            }
+        }
+        ArtifactsCommand::Show { db, version, json } => {
+            let a = open(&db)?
+                .artifact(&version)?
+                .ok_or_else(|| failure(exit::NOT_FOUND, format!("no artifact {version}")))?;
+            if json {
+                json_line(&a)?;
+            } else {
+                print_artifact(&a);
+            }
+        }
+        ArtifactsCommand::Verify {
+            db,
+            version,
+            public_key,
+        } => {
+            let key = artifact::read_verifying_key(&public_key)
+                .map_err(|e| failure(exit::INVALID, e.to_string()))?;
+            let a = open(&db)?
+                .artifact(&version)?
+                .ok_or_else(|| failure(exit::NOT_FOUND, format!("no artifact {version}")))?;
+            let actual = artifact::sha256_file(&a.path).map_err(artifact_failure)?;
+            if actual != a.sha256 {
+                return Err(failure(
+                    exit::ERROR,
+                    format!(
+                        "artifact {version}: {} has SHA-256 {actual}, registered {}",
+                        a.path.display(),
+                        a.sha256
+                    ),
+                ));
+            }
+            artifact::verify(&a.sha256, &a.signature, &key)
+                .map_err(|e| failure(exit::ERROR, format!("artifact {version}: {e}")))?;
+            println!("artifact {version}: SHA-256 and signature verify");
+        }
+    }
     Ok(())
 }
 
