@@ -30,6 +30,135 @@ pub enum FleetCommand {
     /// Artifacts: files registered under a version, hashed and signed.
     #[command(subcommand)]
     Artifacts(ArtifactsCommand),
+    /// Runs N simulated devices, each on its own loopback address (127.1.0.1 onwards) and the
+    /// same port, until SIGINT or SIGTERM; writes a registry import file for them.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// How many devices.
+    #[arg(long, default_value_t = 100)]
+    devices: u32,
+    /// The port each device listens on.
+    #[arg(long, default_value_t = 18080)]
+    port: u16,
+    /// The version every device starts at.
+    #[arg(long, default_value = "1.0.0")]
+    initial_version: String,
+    /// The fleet's public key: devices refuse artifacts whose signature does not verify.
+    #[arg(long, value_name = "PUB")]
+    public_key: Option<PathBuf>,
+    /// Share of update requests answered 500 (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Delay before every answer, e.g. 20ms.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
+    latency: std::time::Duration,
+    /// Share of devices answering 503 to their first two update attempts.
+    #[arg(long, default_value_t = 0.0)]
+    flaky: f64,
+    /// Share of devices that never listen.
+    #[arg(long, default_value_t = 0.0)]
+    dead: f64,
+    /// Share of devices refusing every update (409).
+    #[arg(long, default_value_t = 0.0)]
+    reject: f64,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the registry import file (CSV) for these devices.
+    #[arg(long, value_name = "FILE", default_value = "gantry-fleet-sim.csv")]
+    registry_file: PathBuf,
+}
+
+/// `gantry fleet simulate`: runs until a signal; returns the exit code.
+pub async fn simulate(args: SimulateArgs) -> u8 {
+    match simulate_inner(args).await {
+        Ok(()) => exit::OK,
+        Err(f) => {
+            eprintln!("gantry fleet: {}", f.message);
+            f.code
+        }
+    }
+}
+
+async fn simulate_inner(args: SimulateArgs) -> Result<(), Failure> {
+    use gantry_fleet::simulator::{SimSpec, Simulation, raise_fd_limit};
+    let shares = [
+        ("--fail-rate", args.fail_rate),
+        ("--flaky", args.flaky),
+        ("--dead", args.dead),
+        ("--reject", args.reject),
+    ];
+    if let Some((flag, v)) = shares.iter().find(|(_, v)| !(0.0..=1.0).contains(v)) {
+        return Err(failure(
+            exit::INVALID,
+            format!("{flag} {v} is not between 0 and 1"),
+        ));
+    }
+    if args.flaky + args.dead + args.reject > 1.0 {
+        return Err(failure(
+            exit::INVALID,
+            "--flaky, --dead and --reject add up to more than all devices",
+        ));
+    }
+    let public_key = args
+        .public_key
+        .as_deref()
+        .map(gantry_fleet::artifact::read_verifying_key)
+        .transpose()
+        .map_err(|e| failure(exit::INVALID, e.to_string()))?;
+    let limit = raise_fd_limit();
+    if u64::from(args.devices) + 64 > limit {
+        return Err(failure(
+            exit::INVALID,
+            format!(
+                "{} devices need as many open files; the limit here is {limit} (ulimit -n)",
+                args.devices
+            ),
+        ));
+    }
+    let sim = Simulation::start(SimSpec {
+        devices: args.devices,
+        port: args.port,
+        initial_version: args.initial_version,
+        public_key,
+        fail_rate: args.fail_rate,
+        latency: args.latency,
+        flaky: args.flaky,
+        dead: args.dead,
+        reject: args.reject,
+        seed: args.seed,
+    })
+    .await
+    .map_err(|e| failure(exit::ERROR, e.to_string()))?;
+    std::fs::write(&args.registry_file, sim.registry_csv()).map_err(|e| {
+        failure(
+            exit::ERROR,
+            format!("cannot write {}: {e}", args.registry_file.display()),
+        )
+    })?;
+    let stats = sim.stats();
+    println!(
+        "simulating {} devices ({} listening, {} dead) on port {} from {}; registry file {}",
+        args.devices,
+        stats.listening,
+        stats.dead,
+        args.port,
+        gantry_fleet::simulator::device_ip(0),
+        args.registry_file.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| failure(exit::ERROR, e.to_string()))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let applied = sim.stats().applied;
+    sim.stop().await;
+    println!("stopped; {applied} update(s) applied");
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +376,8 @@ pub fn run(command: FleetCommand) -> u8 {
         FleetCommand::Devices(command) => devices(command),
         FleetCommand::Keys(command) => keys(command),
         FleetCommand::Artifacts(command) => artifacts(command),
+        // Routed to `simulate` by the caller, which owns the runtime.
+        FleetCommand::Simulate(_) => Err(failure(exit::ERROR, "simulate needs the runtime")),
     };
     match result {
         Ok(()) => exit::OK,

@@ -256,6 +256,9 @@ fn main() -> ExitCode {
         Command::Jobs(command) => jobs_client(command),
         Command::Search(_) => not_built("search"),
         Command::Observer(command) => run(async move { Ok(observer_cli::run(command).await) }),
+        Command::Fleet(fleet_cli::FleetCommand::Simulate(args)) => {
+            run(async move { Ok(fleet_cli::simulate(args).await) })
+        }
         Command::Fleet(command) => fleet_cli::run(command),
         Command::Bench(BenchCommand::Jobs(args)) => run(gantry_bench::jobs::run(args)),
     };

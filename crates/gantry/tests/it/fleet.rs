@@ -269,3 +269,230 @@ fn keys_sign_artifacts_that_verify_until_tampered() {
     let all: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(all.as_array().unwrap().len(), 1);
 }
+
+/// A free port on 127.0.0.1 (the simulator's devices use it on other loopback addresses).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn simulated_devices_speak_the_device_protocol() {
+    use std::io::BufRead as _;
+
+    let dir = temp_dir("fleet-sim");
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let keys = dir.join("keys");
+    assert!(
+        run(&[
+            "fleet",
+            "keys",
+            "generate",
+            "--out-dir",
+            keys.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        run(&[
+            "fleet",
+            "keys",
+            "generate",
+            "--out-dir",
+            keys.to_str().unwrap(),
+            "--name",
+            "other"
+        ])
+        .status
+        .success()
+    );
+    let db = dir.join("fleet.db");
+    let dbs = db.to_str().unwrap();
+    let file = dir.join("app.bin");
+    std::fs::write(&file, vec![7u8; 100_000]).unwrap();
+    let add = |version: &str, key: &str| {
+        let out = run(&[
+            "fleet",
+            "artifacts",
+            "add",
+            "--db",
+            dbs,
+            "--version",
+            version,
+            "--file",
+            file.to_str().unwrap(),
+            "--key",
+            keys.join(key).to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let good = add("2.0.0", "fleet-signing.key");
+    let forged = add("2.0.1", "other.key");
+
+    let port = free_port();
+    let registry_file = dir.join("sim.csv");
+    let mut child = gantry()
+        .args([
+            "fleet",
+            "simulate",
+            "--devices",
+            "24",
+            "--port",
+            &port.to_string(),
+            "--public-key",
+            keys.join("fleet-signing.pub").to_str().unwrap(),
+            "--dead",
+            "0.2",
+            "--reject",
+            "0.2",
+            "--seed",
+            "7",
+            "--registry-file",
+            registry_file.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    // Killed if the test fails before it stops the simulator itself.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(child);
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("simulating 24 devices ("), "{line}");
+    let dead: usize = line
+        .split(", ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+
+    // The registry file imports.
+    let out = run(&[
+        "fleet",
+        "devices",
+        "import",
+        "--db",
+        dbs,
+        registry_file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["imported"],
+        24
+    );
+
+    let http = reqwest::Client::new();
+    let body = std::fs::read(&file).unwrap();
+    let mut refused_connections = 0;
+    let mut updated = Vec::new();
+    let mut rejected = 0;
+    for row in std::fs::read_to_string(&registry_file)
+        .unwrap()
+        .lines()
+        .skip(1)
+    {
+        let mut cols = row.split(',');
+        let (id, addr) = (cols.next().unwrap(), cols.next().unwrap());
+        let url = format!("http://{addr}");
+        let Ok(version) = http.get(format!("{url}/version")).send().await else {
+            refused_connections += 1;
+            continue;
+        };
+        let v: Value = version.json().await.unwrap();
+        assert_eq!(
+            (v["version"].as_str(), v["device_id"].as_str()),
+            (Some("1.0.0"), Some(id))
+        );
+        assert_eq!(
+            http.get(format!("{url}/health"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        let push = |artifact: &Value, device: &str, body: Vec<u8>| {
+            http.post(format!("{url}/update"))
+                .header("Content-Type", "application/octet-stream")
+                .header("X-Device-ID", device)
+                .header("X-Artifact-Version", artifact["version"].as_str().unwrap())
+                .header("X-Artifact-SHA256", artifact["sha256"].as_str().unwrap())
+                .header(
+                    "X-Artifact-Signature",
+                    artifact["signature"].as_str().unwrap(),
+                )
+                .body(body)
+                .send()
+        };
+        let answer = push(&good, id, body.clone()).await.unwrap();
+        if answer.status() == 409 {
+            rejected += 1;
+            continue;
+        }
+        assert_eq!(answer.status(), 200);
+        let v: Value = http
+            .get(format!("{url}/version"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["version"], "2.0.0");
+        updated.push(url.clone());
+        // Refusals: a tampered body, a signature by another key, someone else's id.
+        let mut tampered = body.clone();
+        tampered[5] ^= 1;
+        let r = push(&good, id, tampered).await.unwrap();
+        assert_eq!(r.status(), 422);
+        assert!(r.text().await.unwrap().contains("checksum mismatch"));
+        let r = push(&forged, id, body.clone()).await.unwrap();
+        assert_eq!(r.status(), 422);
+        assert!(r.text().await.unwrap().contains("signature refused"));
+        let r = push(&good, "sim-999999", body.clone()).await.unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = http
+            .get(format!("{url}/version"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["version"], "2.0.0", "refused pushes change nothing");
+    }
+    assert_eq!(refused_connections, dead);
+    assert!(
+        dead > 0 && rejected > 0 && !updated.is_empty(),
+        "dead {dead} rejected {rejected}"
+    );
+    assert_eq!(refused_connections + rejected + updated.len(), 24);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(
+        rest.trim(),
+        format!("stopped; {} update(s) applied", updated.len())
+    );
+}
