@@ -3,11 +3,14 @@
 //! - [`registry`]: the device registry (SQLite): devices, their tags, group, location, version,
 //!   last-seen time and health; target filters; CSV and JSON import and export; artifacts.
 //! - [`artifact`]: Ed25519 keys, hashing and signing of artifact files.
+//! - [`delivery`]: HTTP push of an artifact to one device, retries of transient failures, and
+//!   the health gate.
 //! - [`simulator`]: N devices speaking the device protocol on their own loopback addresses.
 //!
-//! Not built yet: rollouts (waves, health gates, auto-abort), HTTP and SSH delivery, the REST
-//! API.
+//! Not built yet: rollouts (waves, auto-abort, pause/resume, crash-safe resume), SSH delivery,
+//! the REST API.
 
 pub mod artifact;
+pub mod delivery;
 pub mod registry;
 pub mod simulator;

@@ -469,6 +469,23 @@ impl Registry {
         Ok(tags)
     }
 
+    /// Records what a push or check found: the version the device runs now (when known), its
+    /// health, and that it was seen at `at_ms`. False when the device is unknown.
+    pub fn record_seen(
+        &mut self,
+        id: &str,
+        version: Option<&str>,
+        health: Health,
+        at_ms: i64,
+    ) -> Result<bool, RegistryError> {
+        let n = self.conn.execute(
+            "UPDATE devices SET version = COALESCE(?2, version), health = ?3, last_seen_ms = ?4
+             WHERE id = ?1",
+            params![id, version, health.as_str(), at_ms],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Removes the device `id`; false when there was none.
     pub fn remove(&mut self, id: &str) -> Result<bool, RegistryError> {
         Ok(self

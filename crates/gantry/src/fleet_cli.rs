@@ -30,9 +30,135 @@ pub enum FleetCommand {
     /// Artifacts: files registered under a version, hashed and signed.
     #[command(subcommand)]
     Artifacts(ArtifactsCommand),
+    /// Pushes an artifact to one device over HTTP, retrying transient failures, then waits for
+    /// the device to report the new version and health; records the result in the registry.
+    Push(PushArgs),
     /// Runs N simulated devices, each on its own loopback address (127.1.0.1 onwards) and the
     /// same port, until SIGINT or SIGTERM; writes a registry import file for them.
     Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    db: Db,
+    /// The device id.
+    #[arg(long)]
+    device: String,
+    /// The artifact's version.
+    #[arg(long)]
+    artifact: String,
+    /// Push attempts (transient failures: connection errors, timeouts, 5xx, 429).
+    #[arg(long, default_value_t = 3)]
+    attempts: u32,
+    /// First delay between attempts (doubling, jittered).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+    retry_delay: std::time::Duration,
+    /// Timeout of each request.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    timeout: std::time::Duration,
+    /// How long the device has to report the new version and health.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    gate_timeout: std::time::Duration,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `gantry fleet push`; returns the exit code.
+pub async fn push(args: PushArgs) -> u8 {
+    match push_inner(args).await {
+        Ok(()) => exit::OK,
+        Err(f) => {
+            eprintln!("gantry fleet: {}", f.message);
+            f.code
+        }
+    }
+}
+
+async fn push_inner(args: PushArgs) -> Result<(), Failure> {
+    use gantry_fleet::delivery::{self, Outcome, PushOptions};
+    let (device, artifact) = {
+        let registry = open(&args.db)?;
+        let device = registry
+            .get(&args.device)?
+            .ok_or_else(|| failure(exit::NOT_FOUND, format!("no device {}", args.device)))?;
+        let artifact = registry
+            .artifact(&args.artifact)?
+            .ok_or_else(|| failure(exit::NOT_FOUND, format!("no artifact {}", args.artifact)))?;
+        (device, artifact)
+    };
+    if device.delivery != Delivery::Http {
+        return Err(failure(
+            exit::INVALID,
+            format!(
+                "device {} is delivered over ssh, which is not built yet",
+                device.id
+            ),
+        ));
+    }
+    let retry = gantry_runtime::retry::RetryPolicy::builder()
+        .max_attempts(args.attempts.max(1))
+        .initial_delay(args.retry_delay)
+        .build()
+        .map_err(|e| failure(exit::INVALID, e.to_string()))?;
+    let options = PushOptions {
+        request_timeout: args.timeout,
+        retry,
+        gate_timeout: args.gate_timeout,
+        ..PushOptions::default()
+    };
+    let outcome = delivery::push(&device.id, &device.address, &artifact, &options).await;
+    let now = now_ms();
+    let seen = match &outcome {
+        Outcome::Delivered { .. } => Some((Some(artifact.version.as_str()), Health::Healthy)),
+        Outcome::Unhealthy { .. } => Some((None, Health::Unhealthy)),
+        // It answered, so it was seen; its version and health are unchanged.
+        Outcome::Rejected { .. } => Some((None, device.health)),
+        Outcome::Failed { .. } => None,
+    };
+    if let Some((version, health)) = seen {
+        open(&args.db)?.record_seen(&device.id, version, health, now)?;
+    }
+    if args.json {
+        json_line(&outcome)?;
+    } else {
+        match &outcome {
+            Outcome::Delivered {
+                attempts,
+                push_ms,
+                verify_ms,
+            } => println!(
+                "delivered {} to {} in {attempts} attempt(s): push {push_ms} ms, health gate {verify_ms} ms",
+                artifact.version, device.id
+            ),
+            other => println!("{}: {other:?}", device.id),
+        }
+    }
+    match outcome {
+        Outcome::Delivered { .. } => Ok(()),
+        Outcome::Rejected { status, error, .. } => Err(failure(
+            exit::ERROR,
+            format!(
+                "device {} refused the update ({status}): {error}",
+                device.id
+            ),
+        )),
+        Outcome::Failed { attempts, error } => Err(failure(
+            exit::ERROR,
+            format!(
+                "device {}: {attempts} attempt(s) failed; last: {error}",
+                device.id
+            ),
+        )),
+        Outcome::Unhealthy { reason, .. } => Err(failure(
+            exit::ERROR,
+            format!(
+                "device {} took the update but failed the health gate: {reason}",
+                device.id
+            ),
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -377,7 +503,9 @@ pub fn run(command: FleetCommand) -> u8 {
         FleetCommand::Keys(command) => keys(command),
         FleetCommand::Artifacts(command) => artifacts(command),
         // Routed to `simulate` by the caller, which owns the runtime.
-        FleetCommand::Simulate(_) => Err(failure(exit::ERROR, "simulate needs the runtime")),
+        FleetCommand::Simulate(_) | FleetCommand::Push(_) => {
+            Err(failure(exit::ERROR, "this command needs the runtime"))
+        }
     };
     match result {
         Ok(()) => exit::OK,

@@ -259,6 +259,9 @@ fn main() -> ExitCode {
         Command::Fleet(fleet_cli::FleetCommand::Simulate(args)) => {
             run(async move { Ok(fleet_cli::simulate(args).await) })
         }
+        Command::Fleet(fleet_cli::FleetCommand::Push(args)) => {
+            run(async move { Ok(fleet_cli::push(args).await) })
+        }
         Command::Fleet(command) => fleet_cli::run(command),
         Command::Bench(BenchCommand::Jobs(args)) => run(gantry_bench::jobs::run(args)),
     };

@@ -496,3 +496,212 @@ async fn simulated_devices_speak_the_device_protocol() {
         format!("stopped; {} update(s) applied", updated.len())
     );
 }
+
+#[tokio::test]
+async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
+    use std::io::BufRead as _;
+
+    let dir = temp_dir("fleet-push");
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let keys = dir.join("keys");
+    assert!(
+        run(&[
+            "fleet",
+            "keys",
+            "generate",
+            "--out-dir",
+            keys.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let db = dir.join("fleet.db");
+    let dbs = db.to_str().unwrap();
+    let file = dir.join("app.bin");
+    std::fs::write(&file, b"new firmware").unwrap();
+    let add = |version: &str| {
+        let out = run(&[
+            "fleet",
+            "artifacts",
+            "add",
+            "--db",
+            dbs,
+            "--version",
+            version,
+            "--file",
+            file.to_str().unwrap(),
+            "--key",
+            keys.join("fleet-signing.key").to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    add("2.0.0");
+    let tampered = add("2.0.1");
+    std::fs::write(tampered["path"].as_str().unwrap(), b"evil firmware").unwrap();
+
+    // Every simulated device answers 503 to its first two update attempts.
+    let port = free_port();
+    let sim_file = dir.join("sim.csv");
+    let mut child = gantry()
+        .args([
+            "fleet",
+            "simulate",
+            "--devices",
+            "3",
+            "--flaky",
+            "1",
+            "--port",
+            &port.to_string(),
+            "--public-key",
+            keys.join("fleet-signing.pub").to_str().unwrap(),
+            "--registry-file",
+            sim_file.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(child);
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("simulating 3 devices"), "{line}");
+    assert!(
+        run(&[
+            "fleet",
+            "devices",
+            "import",
+            "--db",
+            dbs,
+            sim_file.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let gone = format!("127.1.0.200:{port}");
+    assert!(
+        run(&[
+            "fleet",
+            "devices",
+            "add",
+            "--db",
+            dbs,
+            "--id",
+            "gone",
+            "--address",
+            &gone
+        ])
+        .status
+        .success()
+    );
+
+    let push = |device: &str, artifact: &str, attempts: &str| {
+        let out = run(&[
+            "fleet",
+            "push",
+            "--db",
+            dbs,
+            "--device",
+            device,
+            "--artifact",
+            artifact,
+            "--attempts",
+            attempts,
+            "--retry-delay",
+            "10ms",
+            "--gate-timeout",
+            "5s",
+            "--json",
+        ]);
+        let outcome: Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        (out.status.code(), outcome)
+    };
+    // Two 503s, then accepted, version and health confirmed.
+    let (code, o) = push("sim-000000", "2.0.0", "3");
+    assert_eq!(code, Some(0), "{o}");
+    assert_eq!(
+        (o["outcome"].as_str(), o["attempts"].as_u64()),
+        (Some("delivered"), Some(3))
+    );
+    let show: Value = serde_json::from_slice(
+        &run(&[
+            "fleet",
+            "devices",
+            "show",
+            "--db",
+            dbs,
+            "sim-000000",
+            "--json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        (show["version"].as_str(), show["health"].as_str()),
+        (Some("2.0.0"), Some("healthy"))
+    );
+    assert!(show["last_seen"].is_string());
+    // Attempts run out on transient failures.
+    let (code, o) = push("sim-000001", "2.0.0", "2");
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        (o["outcome"].as_str(), o["attempts"].as_u64()),
+        (Some("failed"), Some(2))
+    );
+    assert!(o["error"].as_str().unwrap().starts_with("503"), "{o}");
+    // Nothing listens: connection errors are transient too.
+    let (code, o) = push("gone", "2.0.0", "2");
+    assert_eq!(code, Some(1));
+    assert_eq!(o["outcome"], "failed");
+    assert!(
+        o["error"].as_str().unwrap().contains("cannot connect"),
+        "{o}"
+    );
+    // A tampered artifact: the device refuses it, and that is not retried.
+    let (code, o) = push("sim-000002", "2.0.1", "5");
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        (o["outcome"].as_str(), o["status"].as_u64()),
+        (Some("rejected"), Some(422))
+    );
+    assert_eq!(
+        o["attempts"], 3,
+        "two 503s, then the refusal, then no more: {o}"
+    );
+    assert!(
+        o["error"].as_str().unwrap().contains("checksum mismatch"),
+        "{o}"
+    );
+    // Unknown device or artifact.
+    let out = run(&[
+        "fleet",
+        "push",
+        "--db",
+        dbs,
+        "--device",
+        "nope",
+        "--artifact",
+        "2.0.0",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let out = run(&[
+        "fleet",
+        "push",
+        "--db",
+        dbs,
+        "--device",
+        "gone",
+        "--artifact",
+        "9",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+}
