@@ -5,6 +5,8 @@
 //! - [`artifact`]: Ed25519 keys, hashing and signing of artifact files.
 //! - [`delivery`]: HTTP push of an artifact to one device, retries of transient failures, and
 //!   the health gate.
+//! - [`waves`] (pure): cutting a rollout's targets into a canary and growing waves; the
+//!   per-wave abort threshold.
 //! - [`simulator`]: N devices speaking the device protocol on their own loopback addresses.
 //!
 //! Not built yet: rollouts (waves, auto-abort, pause/resume, crash-safe resume), SSH delivery,
@@ -14,3 +16,4 @@ pub mod artifact;
 pub mod delivery;
 pub mod registry;
 pub mod simulator;
+pub mod waves;
