@@ -7,6 +7,8 @@
 //!   the health gate.
 //! - [`waves`] (pure): cutting a rollout's targets into a canary and growing waves; the
 //!   per-wave abort threshold.
+//! - [`rollout`] (pure): the rollout state machine — what to push next, wave judging, pause,
+//!   resume, abort, the audit trail and replay after a crash.
 //! - [`simulator`]: N devices speaking the device protocol on their own loopback addresses.
 //!
 //! Not built yet: rollouts (waves, auto-abort, pause/resume, crash-safe resume), SSH delivery,
@@ -15,5 +17,6 @@
 pub mod artifact;
 pub mod delivery;
 pub mod registry;
+pub mod rollout;
 pub mod simulator;
 pub mod waves;
