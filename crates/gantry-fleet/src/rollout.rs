@@ -2,7 +2,7 @@
 //! the wave and the rollout, pause, resume and abort, and recovery after a crash.
 //!
 //! A rollout holds its ordered targets, its waves ([`crate::waves`]) and one [`DeviceState`]
-//! per target. The orchestrator asks [`Rollout::next`] for devices to start (never beyond the
+//! per target. The orchestrator asks [`Rollout::take_work`] for devices to start (never beyond the
 //! current wave, never more than `concurrency` in flight, none while paused or finished), marks
 //! them started, and reports each outcome with [`Rollout::finish`]. When the last device of a
 //! wave has an outcome, the wave is judged against the error threshold: the rollout aborts, or
@@ -15,7 +15,7 @@
 //! failure rate exceeds the threshold stops the rollout before the next wave starts; resume
 //! runs exactly the devices that never ended. After a crash, devices that were in flight are
 //! [`DeviceState::Unknown`]: the orchestrator must check them (ask the device its version)
-//! before pushing again — [`Rollout::next`] offers them as checks, not pushes.
+//! before pushing again — [`Rollout::take_work`] offers them as checks, not pushes.
 
 use std::ops::Range;
 
@@ -194,7 +194,7 @@ impl Rollout {
 
     /// Work to start now, at most up to the concurrency limit; each is marked in flight
     /// (the returned changes say so).
-    pub fn next(&mut self) -> (Vec<Work>, Vec<Change>) {
+    pub fn take_work(&mut self) -> (Vec<Work>, Vec<Change>) {
         let mut work = Vec::new();
         let mut changes = Vec::new();
         if self.phase != Phase::Running {
@@ -368,18 +368,18 @@ mod tests {
     fn a_clean_rollout_runs_wave_by_wave_and_completes() {
         let (mut r, changes) = Rollout::new(5, plan(1, 2), 0.0, 10).unwrap();
         assert_eq!(changes, vec![Change::WaveOpened { wave: 0 }]);
-        let (work, _) = r.next();
+        let (work, _) = r.take_work();
         assert_eq!(work, vec![Work::Push(0)], "only the canary");
         assert!(
-            r.next().0.is_empty(),
+            r.take_work().0.is_empty(),
             "nothing beyond the wave while it runs"
         );
         let changes = r.finish(0, Outcome::Succeeded).unwrap();
         assert!(changes.contains(&Change::WaveOpened { wave: 1 }));
-        assert_eq!(r.next().0, vec![Work::Push(1), Work::Push(2)]);
+        assert_eq!(r.take_work().0, vec![Work::Push(1), Work::Push(2)]);
         r.finish(1, Outcome::Succeeded).unwrap();
         r.finish(2, Outcome::Succeeded).unwrap();
-        assert_eq!(r.next().0, vec![Work::Push(3), Work::Push(4)]);
+        assert_eq!(r.take_work().0, vec![Work::Push(3), Work::Push(4)]);
         r.finish(3, Outcome::Succeeded).unwrap();
         let last = r.finish(4, Outcome::Succeeded).unwrap();
         assert_eq!(r.phase(), Phase::Completed);
@@ -390,18 +390,18 @@ mod tests {
                 ..
             })
         ));
-        assert!(r.next().0.is_empty());
+        assert!(r.take_work().0.is_empty());
     }
 
     #[test]
     fn a_failing_canary_aborts_before_the_next_wave() {
         let (mut r, _) = Rollout::new(10, plan(2, 4), 10.0, 10).unwrap();
-        r.next();
+        r.take_work();
         r.finish(0, Outcome::Succeeded).unwrap();
         let changes = r.finish(1, Outcome::Rejected).unwrap();
         assert_eq!(r.phase(), Phase::Aborted);
         assert!(matches!(&changes[1], Change::Phase { reason, .. } if reason.contains("1 of 2")));
-        assert!(r.next().0.is_empty());
+        assert!(r.take_work().0.is_empty());
         assert_eq!(r.devices()[2], DeviceState::Pending);
     }
 
@@ -409,7 +409,7 @@ mod tests {
     fn a_crash_turns_in_flight_work_into_checks() {
         let p = plan(3, 3);
         let (mut r, mut trail) = Rollout::new(6, p, 50.0, 2).unwrap();
-        let (work, c) = r.next();
+        let (work, c) = r.take_work();
         trail.extend(c);
         assert_eq!(work, vec![Work::Push(0), Work::Push(1)]);
         trail.extend(r.finish(0, Outcome::Succeeded).unwrap());
@@ -417,7 +417,7 @@ mod tests {
         let mut again = Rollout::replay(6, p, 50.0, 2, &trail).unwrap();
         assert_eq!(again.devices()[0], DeviceState::Succeeded);
         assert_eq!(again.devices()[1], DeviceState::Unknown);
-        assert_eq!(again.next().0, vec![Work::Check(1), Work::Push(2)]);
+        assert_eq!(again.take_work().0, vec![Work::Check(1), Work::Push(2)]);
         // The check finds it already updated: no second push.
         again.finish(1, Outcome::Succeeded).unwrap();
         again.finish(2, Outcome::Succeeded).unwrap();
@@ -478,7 +478,7 @@ mod tests {
                     Op::Next => {
                         let phase = r.phase();
                         let wave = r.wave();
-                        let (work, changes) = r.next();
+                        let (work, changes) = r.take_work();
                         trail.extend(changes);
                         if phase != Phase::Running {
                             prop_assert!(work.is_empty(), "work started while {phase:?}");
@@ -538,7 +538,7 @@ mod tests {
             }
             let _ = r.resume();
             for _ in 0..10_000 {
-                let (work, _) = r.next();
+                let (work, _) = r.take_work();
                 if work.is_empty() { break; }
                 for w in work {
                     let (Work::Push(i) | Work::Check(i)) = w;
