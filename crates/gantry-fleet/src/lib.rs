@@ -9,13 +9,16 @@
 //!   per-wave abort threshold.
 //! - [`rollout`] (pure): the rollout state machine — what to push next, wave judging, pause,
 //!   resume, abort, the audit trail and replay after a crash.
+//! - [`orchestrator`]: rollouts on disk (targets fixed at creation, the audit trail written
+//!   before it is acted on) and the loop that runs them with concurrent pushes.
 //! - [`simulator`]: N devices speaking the device protocol on their own loopback addresses.
 //!
-//! Not built yet: rollouts (waves, auto-abort, pause/resume, crash-safe resume), SSH delivery,
-//! the REST API.
+//! Not built yet: SSH delivery, maintenance windows and scheduled starts, dynamic rollouts, the
+//! REST API and event stream, metrics.
 
 pub mod artifact;
 pub mod delivery;
+pub mod orchestrator;
 pub mod registry;
 pub mod rollout;
 pub mod simulator;

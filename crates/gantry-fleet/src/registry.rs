@@ -285,6 +285,32 @@ CREATE TABLE artifacts (
     created_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    r#"
+CREATE TABLE rollouts (
+    id         TEXT PRIMARY KEY,
+    artifact   TEXT NOT NULL,
+    spec       TEXT NOT NULL,
+    targets    INTEGER NOT NULL,
+    phase      TEXT NOT NULL,
+    requested  TEXT,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE rollout_targets (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (id) ON DELETE CASCADE,
+    idx        INTEGER NOT NULL,
+    device_id  TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE rollout_events (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (id) ON DELETE CASCADE,
+    seq        INTEGER NOT NULL,
+    at_ms      INTEGER NOT NULL,
+    change     TEXT NOT NULL,
+    detail     TEXT,
+    PRIMARY KEY (rollout_id, seq)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// A registered artifact.
@@ -309,7 +335,7 @@ pub struct Artifact {
 /// The registry.
 pub struct Registry {
     conn: Connection,
-    /// Where artifact copies live: `artifacts/` beside the database file.
+    /// Where artifact copies live: `<database file>.artifacts/` beside it.
     artifact_dir: PathBuf,
 }
 
@@ -339,10 +365,10 @@ impl Registry {
             tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         }
         tx.commit()?;
-        let artifact_dir = path
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join("artifacts");
+        // `<file>.artifacts` beside the database: two registries in one directory keep theirs apart.
+        let mut dir_name = path.file_name().unwrap_or_default().to_os_string();
+        dir_name.push(".artifacts");
+        let artifact_dir = path.with_file_name(dir_name);
         Ok(Self { conn, artifact_dir })
     }
 

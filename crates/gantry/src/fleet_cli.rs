@@ -30,12 +30,309 @@ pub enum FleetCommand {
     /// Artifacts: files registered under a version, hashed and signed.
     #[command(subcommand)]
     Artifacts(ArtifactsCommand),
+    /// Rollouts: an artifact to the devices matching a filter, in waves.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Pushes an artifact to one device over HTTP, retrying transient failures, then waits for
     /// the device to report the new version and health; records the result in the registry.
     Push(PushArgs),
     /// Runs N simulated devices, each on its own loopback address (127.1.0.1 onwards) and the
     /// same port, until SIGINT or SIGTERM; writes a registry import file for them.
     Simulate(SimulateArgs),
+}
+
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Creates a rollout: its targets are the devices matching the filters now, in id order.
+    Create {
+        #[command(flatten)]
+        db: Db,
+        /// The artifact version to install.
+        #[arg(long)]
+        artifact: String,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// The canary wave: a count (5) or a percentage (10%).
+        #[arg(long, default_value = "1")]
+        canary: String,
+        /// Devices per wave after the canary.
+        #[arg(long, default_value_t = 10, conflicts_with = "growth")]
+        batch: u32,
+        /// Instead of fixed batches, each wave this factor (> 1) times the previous.
+        #[arg(long)]
+        growth: Option<f64>,
+        /// Abort when a wave's failures exceed this percentage.
+        #[arg(long, default_value_t = 10.0)]
+        threshold: f64,
+        /// Pushes in flight at once.
+        #[arg(long, default_value_t = 50)]
+        concurrency: u32,
+        /// Push attempts per device (transient failures).
+        #[arg(long, default_value_t = 3)]
+        attempts: u32,
+        /// First delay between attempts (doubling, jittered).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+        retry_delay: std::time::Duration,
+        /// Timeout of each request.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+        timeout: std::time::Duration,
+        /// How long a device has to report the new version and health.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+        gate_timeout: std::time::Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs (or continues, after a stop or a crash) a rollout in the foreground until it
+    /// completes, aborts, or is paused.
+    Start {
+        #[command(flatten)]
+        db: Db,
+        /// The rollout id.
+        id: String,
+        /// Print the final state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stops new pushes (in-flight ones finish).
+    Pause {
+        #[command(flatten)]
+        db: Db,
+        /// The rollout id.
+        id: String,
+    },
+    /// Lets a paused rollout go on (its runner, or the next `start`, applies it).
+    Resume {
+        #[command(flatten)]
+        db: Db,
+        /// The rollout id.
+        id: String,
+    },
+    /// Stops a rollout for good.
+    Abort {
+        #[command(flatten)]
+        db: Db,
+        /// The rollout id.
+        id: String,
+    },
+    /// One rollout: phase, wave settings, device counts.
+    Status {
+        #[command(flatten)]
+        db: Db,
+        /// The rollout id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every rollout, newest first.
+    List {
+        #[command(flatten)]
+        db: Db,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A rollout's audit trail.
+    Events {
+        #[command(flatten)]
+        db: Db,
+        /// The rollout id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_rollout(r: &gantry_fleet::orchestrator::RolloutInfo) {
+    let d = r.devices;
+    println!(
+        "{}  {}  artifact {}  {} devices: {} succeeded, {} failed, {} rejected, {} in flight, {} pending{}",
+        r.id,
+        r.phase,
+        r.artifact,
+        r.targets,
+        d.succeeded,
+        d.failed,
+        d.rejected,
+        d.in_flight,
+        d.pending,
+        r.requested
+            .as_deref()
+            .map(|q| format!(" ({q} requested)"))
+            .unwrap_or_default()
+    );
+}
+
+/// `gantry fleet rollout …`; returns the exit code.
+pub async fn rollout(command: RolloutCommand) -> u8 {
+    match rollout_inner(command).await {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("gantry fleet: {}", f.message);
+            f.code
+        }
+    }
+}
+
+async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
+    use gantry_fleet::orchestrator::{RolloutSpec, Rollouts};
+    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let not_found = |e: RegistryError| -> Failure {
+        match &e {
+            RegistryError::Invalid(m) if m.starts_with("no rollout") => {
+                failure(exit::NOT_FOUND, m.clone())
+            }
+            _ => e.into(),
+        }
+    };
+    match command {
+        RolloutCommand::Create {
+            db,
+            artifact,
+            filter: f,
+            canary,
+            batch,
+            growth,
+            threshold,
+            concurrency,
+            attempts,
+            retry_delay,
+            timeout,
+            gate_timeout,
+            json,
+        } => {
+            let (canary, canary_percent) = match canary.strip_suffix('%') {
+                Some(p) => (p, true),
+                None => (canary.as_str(), false),
+            };
+            let canary: u32 = canary.trim().parse().map_err(|_| {
+                failure(
+                    exit::INVALID,
+                    format!("--canary {canary:?} is not a count or a percentage"),
+                )
+            })?;
+            let spec = RolloutSpec {
+                canary,
+                canary_percent,
+                batch,
+                growth: growth.unwrap_or(0.0),
+                threshold_percent: threshold,
+                concurrency,
+                attempts,
+                retry_delay_ms: millis(retry_delay),
+                timeout_ms: millis(timeout),
+                gate_timeout_ms: millis(gate_timeout),
+            };
+            let f = filter(f)?;
+            let info = Rollouts::open(&db.db)?.create(&artifact, &f, spec)?;
+            if json {
+                json_line(&info)?;
+            } else {
+                println!(
+                    "created rollout {} of {} to {} devices",
+                    info.id, info.artifact, info.targets
+                );
+            }
+        }
+        RolloutCommand::Start { db, id, json } => {
+            let mut rollouts = Rollouts::open(&db.db)?;
+            let quiet = json;
+            let info = rollouts
+                .run(&id, |info| {
+                    if !quiet {
+                        let d = info.devices;
+                        eprintln!(
+                            "{}: {}/{} done ({} succeeded, {} failed, {} rejected)",
+                            info.id,
+                            d.succeeded + d.failed + d.rejected,
+                            info.targets,
+                            d.succeeded,
+                            d.failed,
+                            d.rejected
+                        );
+                    }
+                })
+                .await
+                .map_err(not_found)?;
+            if json {
+                json_line(&info)?;
+            } else {
+                print_rollout(&info);
+            }
+            return Ok(if info.phase == "aborted" {
+                exit::ERROR
+            } else {
+                exit::OK
+            });
+        }
+        RolloutCommand::Pause { db, id } => {
+            Rollouts::open(&db.db)?
+                .request(&id, "pause")
+                .map_err(not_found)?;
+            println!("pause requested for {id}");
+        }
+        RolloutCommand::Resume { db, id } => {
+            Rollouts::open(&db.db)?
+                .request(&id, "resume")
+                .map_err(not_found)?;
+            println!("resume requested for {id}");
+        }
+        RolloutCommand::Abort { db, id } => {
+            Rollouts::open(&db.db)?
+                .request(&id, "abort")
+                .map_err(not_found)?;
+            println!("abort requested for {id}");
+        }
+        RolloutCommand::Status { db, id, json } => {
+            let info = Rollouts::open(&db.db)?
+                .info(&id)?
+                .ok_or_else(|| failure(exit::NOT_FOUND, format!("no rollout {id}")))?;
+            if json {
+                json_line(&info)?;
+            } else {
+                print_rollout(&info);
+            }
+        }
+        RolloutCommand::List { db, json } => {
+            let all = Rollouts::open(&db.db)?.list()?;
+            if json {
+                json_line(&all)?;
+            } else {
+                for r in &all {
+                    print_rollout(r);
+                }
+            }
+        }
+        RolloutCommand::Events { db, id, json } => {
+            let rollouts = Rollouts::open(&db.db)?;
+            if rollouts.info(&id)?.is_none() {
+                return Err(failure(exit::NOT_FOUND, format!("no rollout {id}")));
+            }
+            let events = rollouts.events(&id)?;
+            if json {
+                json_line(&events)?;
+            } else {
+                for e in &events {
+                    println!(
+                        "{:>5} {} {} {}{}",
+                        e.seq,
+                        format_time(e.at_ms),
+                        serde_json::to_string(&e.change).unwrap_or_default(),
+                        e.device.as_deref().unwrap_or(""),
+                        e.detail
+                            .as_deref()
+                            .map(|d| format!(" {d}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(exit::OK)
 }
 
 #[derive(Debug, Args)]
@@ -503,7 +800,7 @@ pub fn run(command: FleetCommand) -> u8 {
         FleetCommand::Keys(command) => keys(command),
         FleetCommand::Artifacts(command) => artifacts(command),
         // Routed to `simulate` by the caller, which owns the runtime.
-        FleetCommand::Simulate(_) | FleetCommand::Push(_) => {
+        FleetCommand::Simulate(_) | FleetCommand::Push(_) | FleetCommand::Rollout(_) => {
             Err(failure(exit::ERROR, "this command needs the runtime"))
         }
     };

@@ -259,6 +259,9 @@ fn main() -> ExitCode {
         Command::Fleet(fleet_cli::FleetCommand::Simulate(args)) => {
             run(async move { Ok(fleet_cli::simulate(args).await) })
         }
+        Command::Fleet(fleet_cli::FleetCommand::Rollout(command)) => {
+            run(async move { Ok(fleet_cli::rollout(command).await) })
+        }
         Command::Fleet(fleet_cli::FleetCommand::Push(args)) => {
             run(async move { Ok(fleet_cli::push(args).await) })
         }

@@ -705,3 +705,375 @@ async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
     ]);
     assert_eq!(out.status.code(), Some(4));
 }
+
+/// A simulator child process, stopped (and its update count read) at the end.
+struct Sim {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    csv: std::path::PathBuf,
+}
+
+impl Sim {
+    fn start(dir: &std::path::Path, name: &str, args: &[&str]) -> Self {
+        use std::io::BufRead as _;
+        let csv = dir.join(format!("{name}.csv"));
+        let port = free_port().to_string();
+        let mut child = gantry()
+            .args([
+                "fleet",
+                "simulate",
+                "--port",
+                &port,
+                "--registry-file",
+                csv.to_str().unwrap(),
+            ])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with("simulating"), "{line}");
+        Self { child, stdout, csv }
+    }
+
+    /// Stops it; returns how many updates its devices applied.
+    fn stop(mut self) -> u64 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut rest).unwrap();
+        rest.trim()
+            .strip_prefix("stopped; ")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{rest}"))
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json_of(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// Keys, an artifact 2.0.0 and a registry in `dir`; returns the registry path.
+fn fleet_with_artifact(dir: &std::path::Path) -> String {
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let keys = dir.join("keys");
+    assert!(
+        run(&[
+            "fleet",
+            "keys",
+            "generate",
+            "--out-dir",
+            keys.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let db = dir.join("fleet.db").to_str().unwrap().to_owned();
+    let file = dir.join("app.bin");
+    std::fs::write(&file, vec![1u8; 4096]).unwrap();
+    let out = run(&[
+        "fleet",
+        "artifacts",
+        "add",
+        "--db",
+        &db,
+        "--version",
+        "2.0.0",
+        "--file",
+        file.to_str().unwrap(),
+        "--key",
+        keys.join("fleet-signing.key").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    db
+}
+
+#[test]
+fn a_rollout_records_failures_and_a_failing_canary_aborts_it() {
+    let dir = temp_dir("fleet-rollout");
+    let db = fleet_with_artifact(&dir);
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let pubkey = dir.join("keys").join("fleet-signing.pub");
+    let good = Sim::start(
+        &dir,
+        "good",
+        &[
+            "--devices",
+            "60",
+            "--reject",
+            "0.1",
+            "--seed",
+            "3",
+            "--public-key",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        run(&[
+            "fleet",
+            "devices",
+            "import",
+            "--db",
+            &db,
+            good.csv.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let out = run(&[
+        "fleet",
+        "rollout",
+        "create",
+        "--db",
+        &db,
+        "--artifact",
+        "2.0.0",
+        "--tag",
+        "sim",
+        "--canary",
+        "10%",
+        "--batch",
+        "20",
+        "--threshold",
+        "50",
+        "--concurrency",
+        "8",
+        "--retry-delay",
+        "10ms",
+        "--json",
+    ]);
+    let created = json_of(&out);
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["targets"], 60);
+    let out = run(&["fleet", "rollout", "start", "--db", &db, &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let done = json_of(&out);
+    assert_eq!(done["phase"], "completed", "{done}");
+    let (ok, rejected) = (
+        done["devices"]["succeeded"].as_u64().unwrap(),
+        done["devices"]["rejected"].as_u64().unwrap(),
+    );
+    assert_eq!(ok + rejected, 60, "{done}");
+    assert!(rejected > 0 && rejected < 15, "{done}");
+    // The registry knows who runs what.
+    let listed = json_of(&run(&[
+        "fleet",
+        "devices",
+        "list",
+        "--db",
+        &db,
+        "--version",
+        "=2.0.0",
+        "--json",
+    ]));
+    assert_eq!(listed["total"].as_u64(), Some(ok));
+    // The trail names the refusals, with the device's answer.
+    let events = json_of(&run(&[
+        "fleet", "rollout", "events", "--db", &db, &id, "--json",
+    ]));
+    let refusals = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["change"]["state"] == "rejected")
+        .inspect(|e| assert!(e["detail"].as_str().unwrap().contains("409"), "{e}"))
+        .count();
+    assert_eq!(refusals as u64, rejected);
+    assert_eq!(
+        good.stop(),
+        ok,
+        "each successful device updated exactly once"
+    );
+
+    // Every device refuses: the canary's failures abort the rollout before the next wave.
+    let bad = Sim::start(&dir, "bad", &["--devices", "20", "--reject", "1"]);
+    let bad_db = dir.join("bad.db");
+    let bad_db = bad_db.to_str().unwrap();
+    let file = dir.join("app.bin");
+    assert!(
+        run(&[
+            "fleet",
+            "artifacts",
+            "add",
+            "--db",
+            bad_db,
+            "--version",
+            "2.0.0",
+            "--file",
+            file.to_str().unwrap(),
+            "--key",
+            dir.join("keys").join("fleet-signing.key").to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        run(&[
+            "fleet",
+            "devices",
+            "import",
+            "--db",
+            bad_db,
+            bad.csv.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let created = json_of(&run(&[
+        "fleet",
+        "rollout",
+        "create",
+        "--db",
+        bad_db,
+        "--artifact",
+        "2.0.0",
+        "--canary",
+        "2",
+        "--batch",
+        "5",
+        "--threshold",
+        "10",
+        "--json",
+    ]));
+    let id = created["id"].as_str().unwrap();
+    let out = run(&["fleet", "rollout", "start", "--db", bad_db, id, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let aborted = json_of(&out);
+    assert_eq!(aborted["phase"], "aborted");
+    assert_eq!(aborted["devices"]["rejected"], 2);
+    assert_eq!(aborted["devices"]["pending"], 18);
+    let out = run(&["fleet", "rollout", "resume", "--db", bad_db, id]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an aborted rollout stays aborted: {out:?}"
+    );
+    let out = run(&["fleet", "rollout", "status", "--db", bad_db, "r-nope"]);
+    assert_eq!(out.status.code(), Some(4));
+}
+
+#[test]
+fn a_rollout_pauses_resumes_and_survives_sigkill_without_pushing_twice() {
+    let dir = temp_dir("fleet-rollout-crash");
+    let db = fleet_with_artifact(&dir);
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    // Slow devices, so the runner can be stopped mid-wave.
+    let sim = Sim::start(&dir, "slow", &["--devices", "30", "--latency", "150ms"]);
+    assert!(
+        run(&[
+            "fleet",
+            "devices",
+            "import",
+            "--db",
+            &db,
+            sim.csv.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let created = json_of(&run(&[
+        "fleet",
+        "rollout",
+        "create",
+        "--db",
+        &db,
+        "--artifact",
+        "2.0.0",
+        "--canary",
+        "3",
+        "--batch",
+        "9",
+        "--threshold",
+        "0",
+        "--concurrency",
+        "3",
+        "--json",
+    ]));
+    let id = created["id"].as_str().unwrap().to_owned();
+    let status = |id: &str| {
+        json_of(&run(&[
+            "fleet", "rollout", "status", "--db", &db, id, "--json",
+        ]))
+    };
+    let wait_for = |at_least: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let s = status(&id);
+            if s["devices"]["succeeded"].as_u64().unwrap() >= at_least {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stuck: {s}\nrunner: {}",
+                std::fs::read_to_string(dir.join("runner.err")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let start = || {
+        gantry()
+            .args(["fleet", "rollout", "start", "--db", &db, &id, "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("runner.err")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+
+    // Pause: the runner stops starting pushes, finishes what is in flight, and exits.
+    let runner = start();
+    wait_for(4);
+    assert!(
+        run(&["fleet", "rollout", "pause", "--db", &db, &id])
+            .status
+            .success()
+    );
+    let out = runner.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let paused = json_of(&out);
+    assert_eq!(paused["phase"], "paused", "{paused}");
+    assert_eq!(paused["devices"]["in_flight"], 0);
+    let pending = paused["devices"]["pending"].as_u64().unwrap();
+    assert!(pending > 0, "{paused}");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(
+        status(&id)["devices"],
+        paused["devices"],
+        "nothing moves while paused"
+    );
+
+    // Resume, then SIGKILL the runner mid-wave and start it again.
+    assert!(
+        run(&["fleet", "rollout", "resume", "--db", &db, &id])
+            .status
+            .success()
+    );
+    let mut runner = start();
+    let before_kill = wait_for(paused["devices"]["succeeded"].as_u64().unwrap() + 4);
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    let after_kill = status(&id);
+    assert!(
+        after_kill["devices"]["succeeded"].as_u64() >= before_kill["devices"]["succeeded"].as_u64()
+    );
+    let out = run(&["fleet", "rollout", "start", "--db", &db, &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let done = json_of(&out);
+    assert_eq!(done["phase"], "completed", "{done}");
+    assert_eq!(done["devices"]["succeeded"], 30);
+    // No device was pushed twice after it had taken the update.
+    assert_eq!(sim.stop(), 30);
+}

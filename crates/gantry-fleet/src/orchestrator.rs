@@ -1,0 +1,577 @@
+//! Rollouts on disk and the orchestrator that runs them.
+//!
+//! A rollout is created from an artifact, a target [`Filter`] and a [`RolloutSpec`]; its targets
+//! are fixed at creation (the matching devices in id order). Running it drives the pure
+//! [`Rollout`] state machine: every [`Change`] it returns is appended to `rollout_events` and
+//! committed (`synchronous = FULL`) *before* the orchestrator acts on it, so after a crash
+//! [`Rollout::replay`] of the trail says exactly where it stood — devices that succeeded are
+//! never pushed again, and devices that were in flight are first asked their version.
+//!
+//! Pause, resume and abort are requests written to the rollout's row by any process (the CLI);
+//! the running orchestrator applies them between pushes, so new pushes stop at once while the
+//! ones in flight finish and are recorded. A paused rollout's orchestrator returns when nothing
+//! is in flight; `run` again continues it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+
+use crate::delivery::{self, PushOptions};
+use crate::registry::{Artifact, Filter, Health, Registry, RegistryError};
+use crate::rollout::{Change, DeviceState, Outcome, Phase, Rollout, Work};
+use crate::waves::{Canary, Growth, WavePlan};
+
+/// How a rollout proceeds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    /// Canary size: a count, or a percentage when `canary_percent` is set.
+    pub canary: u32,
+    /// Read `canary` as a percentage.
+    pub canary_percent: bool,
+    /// Fixed wave size after the canary (when `growth` is 0).
+    pub batch: u32,
+    /// Exponential growth factor after the canary (> 1), instead of `batch`.
+    pub growth: f64,
+    /// Abort when a wave's failures exceed this percentage.
+    pub threshold_percent: f64,
+    /// Pushes in flight at once.
+    pub concurrency: u32,
+    /// Push attempts per device (transient failures).
+    pub attempts: u32,
+    /// First retry delay, ms (doubling).
+    pub retry_delay_ms: u64,
+    /// Timeout of each request, ms.
+    pub timeout_ms: u64,
+    /// Health-gate timeout, ms.
+    pub gate_timeout_ms: u64,
+}
+
+impl RolloutSpec {
+    /// The wave plan.
+    pub fn plan(&self) -> WavePlan {
+        WavePlan {
+            canary: if self.canary_percent {
+                Canary::Percent(f64::from(self.canary))
+            } else {
+                Canary::Count(self.canary)
+            },
+            growth: if self.growth > 0.0 {
+                Growth::Exponential(self.growth)
+            } else {
+                Growth::Fixed(self.batch)
+            },
+        }
+    }
+
+    fn push_options(&self) -> Result<PushOptions, String> {
+        let retry = gantry_runtime::retry::RetryPolicy::builder()
+            .max_attempts(self.attempts.max(1))
+            .initial_delay(Duration::from_millis(self.retry_delay_ms))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(PushOptions {
+            request_timeout: Duration::from_millis(self.timeout_ms),
+            retry,
+            gate_timeout: Duration::from_millis(self.gate_timeout_ms),
+            ..PushOptions::default()
+        })
+    }
+}
+
+/// A rollout's row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RolloutInfo {
+    /// Its id.
+    pub id: String,
+    /// The artifact version it installs.
+    pub artifact: String,
+    /// How it proceeds.
+    pub spec: RolloutSpec,
+    /// How many target devices.
+    pub targets: u64,
+    /// Its phase as last recorded (`created` before it first runs).
+    pub phase: String,
+    /// A pause, resume or abort asked for and not yet applied.
+    pub requested: Option<String>,
+    /// Device counts by state.
+    pub devices: DeviceCounts,
+}
+
+/// Device counts by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DeviceCounts {
+    /// Not started.
+    pub pending: u64,
+    /// In flight (or unknown after a crash).
+    pub in_flight: u64,
+    /// Succeeded.
+    pub succeeded: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Rejected.
+    pub rejected: u64,
+}
+
+/// One audit-trail entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    /// Its position in the trail.
+    pub seq: i64,
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// The change.
+    pub change: Change,
+    /// The device it concerns, if any.
+    pub device: Option<String>,
+    /// What happened (the push outcome, the error).
+    pub detail: Option<String>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn corrupt(what: String) -> RegistryError {
+    RegistryError::Invalid(format!("corrupt rollout data: {what}"))
+}
+
+/// The rollouts in a registry database.
+pub struct Rollouts {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Rollouts {
+    /// Opens the rollouts of the registry at `path` (migrating it).
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        drop(Registry::open(path)?);
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // The audit trail is committed before it is acted on: make commits survive power loss.
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Creates a rollout of `artifact` to the devices matching `filter`; returns its id.
+    pub fn create(
+        &mut self,
+        artifact: &str,
+        filter: &Filter,
+        spec: RolloutSpec,
+    ) -> Result<RolloutInfo, RegistryError> {
+        spec.plan()
+            .check()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        spec.push_options().map_err(RegistryError::Invalid)?;
+        if !(0.0..=100.0).contains(&spec.threshold_percent) {
+            return Err(RegistryError::Invalid(format!(
+                "threshold {}% is not between 0 and 100",
+                spec.threshold_percent
+            )));
+        }
+        let registry = Registry::open(&self.path)?;
+        if registry.artifact(artifact)?.is_none() {
+            return Err(RegistryError::Invalid(format!("no artifact {artifact}")));
+        }
+        let (_, total) = registry.list(filter, 0, 0)?;
+        let (targets, _) =
+            registry.list(filter, 0, usize::try_from(total).unwrap_or(usize::MAX))?;
+        if targets.is_empty() {
+            return Err(RegistryError::Invalid(
+                "no device matches the filter".into(),
+            ));
+        }
+        let id = format!("r-{}", uuid_like());
+        let spec_json = serde_json::to_string(&spec).map_err(|e| corrupt(e.to_string()))?;
+        let now = now_ms();
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO rollouts (id, artifact, spec, targets, phase, requested, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, 'created', NULL, ?5, ?5)",
+            params![id, artifact, spec_json, targets.len() as i64, now],
+        )?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO rollout_targets (rollout_id, idx, device_id) VALUES (?1, ?2, ?3)",
+            )?;
+            for (i, d) in targets.iter().enumerate() {
+                insert.execute(params![id, i as i64, d.id])?;
+            }
+        }
+        tx.commit()?;
+        self.info(&id)?
+            .ok_or_else(|| corrupt(format!("rollout {id} vanished")))
+    }
+
+    /// Every rollout, newest first.
+    pub fn list(&self) -> Result<Vec<RolloutInfo>, RegistryError> {
+        let ids: Vec<String> = self
+            .conn
+            .prepare("SELECT id FROM rollouts ORDER BY created_ms DESC, id")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(info) = self.info(&id)? {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One rollout, with device counts from its trail.
+    pub fn info(&self, id: &str) -> Result<Option<RolloutInfo>, RegistryError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT artifact, spec, targets, phase, requested FROM rollouts WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((artifact, spec, targets, phase, requested)) = row else {
+            return Ok(None);
+        };
+        let spec: RolloutSpec =
+            serde_json::from_str(&spec).map_err(|e| corrupt(format!("spec: {e}")))?;
+        let targets = u64::try_from(targets).unwrap_or(0);
+        let mut states = vec![DeviceState::Pending; usize::try_from(targets).unwrap_or(0)];
+        for e in self.events(id)? {
+            if let Change::Device { index, state } = e.change
+                && let Some(s) = states.get_mut(index)
+            {
+                *s = state;
+            }
+        }
+        let mut devices = DeviceCounts::default();
+        for s in states {
+            match s {
+                DeviceState::Pending => devices.pending += 1,
+                DeviceState::InFlight | DeviceState::Unknown => devices.in_flight += 1,
+                DeviceState::Succeeded => devices.succeeded += 1,
+                DeviceState::Failed => devices.failed += 1,
+                DeviceState::Rejected => devices.rejected += 1,
+            }
+        }
+        Ok(Some(RolloutInfo {
+            id: id.to_owned(),
+            artifact,
+            spec,
+            targets,
+            phase,
+            requested,
+            devices,
+        }))
+    }
+
+    /// The audit trail of `id`, in order.
+    pub fn events(&self, id: &str) -> Result<Vec<Event>, RegistryError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT e.seq, e.at_ms, e.change, e.detail, t.device_id
+             FROM rollout_events e
+             LEFT JOIN rollout_targets t
+                 ON t.rollout_id = e.rollout_id
+                AND t.idx = json_extract(e.change, '$.index')
+             WHERE e.rollout_id = ?1 ORDER BY e.seq",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, at_ms, change, detail, device) = row?;
+            let change: Change =
+                serde_json::from_str(&change).map_err(|e| corrupt(format!("event {seq}: {e}")))?;
+            out.push(Event {
+                seq,
+                at_ms,
+                change,
+                device,
+                detail,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Asks the rollout to pause, resume or abort (applied by its running orchestrator, or at
+    /// its next run). Refused when it has finished.
+    pub fn request(&mut self, id: &str, what: &str) -> Result<(), RegistryError> {
+        let info = self
+            .info(id)?
+            .ok_or_else(|| RegistryError::Invalid(format!("no rollout {id}")))?;
+        if info.phase == "completed" || info.phase == "aborted" {
+            return Err(RegistryError::Invalid(format!(
+                "rollout {id} is {}; nothing to {what}",
+                info.phase
+            )));
+        }
+        self.conn.execute(
+            "UPDATE rollouts SET requested = ?2, updated_ms = ?3 WHERE id = ?1",
+            params![id, what, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn append(
+        &mut self,
+        id: &str,
+        changes: &[Change],
+        detail: Option<&str>,
+        phase: Phase,
+        seen: Option<(&str, Option<&str>, Health)>,
+    ) -> Result<(), RegistryError> {
+        // IMMEDIATE: the write lock is taken (waiting out other writers) before the read of
+        // the last sequence number, so the write cannot fail on a stale snapshot.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let next: i64 = tx.query_row(
+            "SELECT COALESCE(max(seq), 0) + 1 FROM rollout_events WHERE rollout_id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        let now = now_ms();
+        for (i, change) in changes.iter().enumerate() {
+            let json = serde_json::to_string(change).map_err(|e| corrupt(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO rollout_events (rollout_id, seq, at_ms, change, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, next + i as i64, now, json, detail],
+            )?;
+        }
+        tx.execute(
+            "UPDATE rollouts SET phase = ?2, updated_ms = ?3 WHERE id = ?1",
+            params![id, phase_name(phase), now],
+        )?;
+        if let Some((device, version, health)) = seen {
+            tx.execute(
+                "UPDATE devices SET version = COALESCE(?2, version), health = ?3, last_seen_ms = ?4
+                 WHERE id = ?1",
+                params![device, version, health.as_str(), now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn take_request(&mut self, id: &str) -> Result<Option<String>, RegistryError> {
+        let requested: Option<String> =
+            self.conn
+                .query_row("SELECT requested FROM rollouts WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })?;
+        if requested.is_some() {
+            self.conn
+                .execute("UPDATE rollouts SET requested = NULL WHERE id = ?1", [id])?;
+        }
+        Ok(requested)
+    }
+
+    /// Runs (or continues) the rollout `id` until it completes, aborts, or is paused with
+    /// nothing in flight. `progress` is called after every recorded outcome.
+    pub async fn run(
+        &mut self,
+        id: &str,
+        mut progress: impl FnMut(&RolloutInfo),
+    ) -> Result<RolloutInfo, RegistryError> {
+        let info = self
+            .info(id)?
+            .ok_or_else(|| RegistryError::Invalid(format!("no rollout {id}")))?;
+        if info.phase == "completed" || info.phase == "aborted" {
+            return Ok(info);
+        }
+        let spec = info.spec;
+        let options = spec.push_options().map_err(RegistryError::Invalid)?;
+        let registry = Registry::open(&self.path)?;
+        let artifact: Artifact = registry
+            .artifact(&info.artifact)?
+            .ok_or_else(|| RegistryError::Invalid(format!("no artifact {}", info.artifact)))?;
+        let targets: Vec<(String, String)> = {
+            let ids: Vec<String> = self
+                .conn
+                .prepare(
+                    "SELECT device_id FROM rollout_targets WHERE rollout_id = ?1 ORDER BY idx",
+                )?
+                .query_map([id], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut out = Vec::with_capacity(ids.len());
+            for device in ids {
+                // A device removed from the registry since creation cannot be reached.
+                let address = registry
+                    .get(&device)?
+                    .map(|d| d.address)
+                    .unwrap_or_default();
+                out.push((device, address));
+            }
+            out
+        };
+        drop(registry);
+        let trail: Vec<Change> = self.events(id)?.into_iter().map(|e| e.change).collect();
+        let concurrency = spec.concurrency.max(1) as usize;
+        let mut rollout = if trail.is_empty() {
+            let (r, changes) = Rollout::new(
+                targets.len(),
+                spec.plan(),
+                spec.threshold_percent,
+                concurrency,
+            )
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            self.append(id, &changes, Some("started"), r.phase(), None)?;
+            r
+        } else {
+            Rollout::replay(
+                targets.len(),
+                spec.plan(),
+                spec.threshold_percent,
+                concurrency,
+                &trail,
+            )
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?
+        };
+        let mut in_flight: JoinSet<(usize, Outcome, String, Option<Health>)> = JoinSet::new();
+        loop {
+            if let Some(request) = self.take_request(id)? {
+                let changes = match request.as_str() {
+                    "pause" => rollout.pause(),
+                    "resume" => rollout.resume(),
+                    _ => rollout.abort("aborted by request"),
+                };
+                if let Ok(changes) = changes {
+                    self.append(id, &changes, Some(&request), rollout.phase(), None)?;
+                }
+            }
+            if rollout.phase() == Phase::Paused && in_flight.is_empty() {
+                // Nothing more will happen until a resume.
+                if let Some(info) = self.info(id)? {
+                    return Ok(info);
+                }
+            }
+            let (work, changes) = rollout.take_work();
+            if !changes.is_empty() {
+                // Written before any push starts.
+                self.append(id, &changes, None, rollout.phase(), None)?;
+            }
+            for w in work {
+                let (index, check) = match w {
+                    Work::Push(i) => (i, false),
+                    Work::Check(i) => (i, true),
+                };
+                let (device, address) = targets[index].clone();
+                let artifact = artifact.clone();
+                let options = options.clone();
+                in_flight.spawn(async move {
+                    if check {
+                        let (outcome, detail) = check_device(&address, &artifact.version).await;
+                        let health = (outcome == Outcome::Succeeded).then_some(Health::Healthy);
+                        return (index, outcome, detail, health);
+                    }
+                    let result = delivery::push(&device, &address, &artifact, &options).await;
+                    let detail = serde_json::to_string(&result).unwrap_or_default();
+                    let (outcome, health) = match result {
+                        delivery::Outcome::Delivered { .. } => {
+                            (Outcome::Succeeded, Some(Health::Healthy))
+                        }
+                        delivery::Outcome::Rejected { .. } => (Outcome::Rejected, None),
+                        delivery::Outcome::Failed { .. } => (Outcome::Failed, None),
+                        delivery::Outcome::Unhealthy { .. } => {
+                            (Outcome::Failed, Some(Health::Unhealthy))
+                        }
+                    };
+                    (index, outcome, detail, health)
+                });
+            }
+            if in_flight.is_empty() {
+                if matches!(
+                    rollout.phase(),
+                    Phase::Completed | Phase::Aborted | Phase::Paused
+                ) {
+                    break;
+                }
+                // Running with nothing to do: wait for a request.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let joined = tokio::select! {
+                joined = in_flight.join_next() => joined,
+                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            };
+            let Some(Ok((index, outcome, detail, health))) = joined else {
+                continue;
+            };
+            let changes = rollout
+                .finish(index, outcome)
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            let device = targets[index].0.as_str();
+            let version = (outcome == Outcome::Succeeded).then_some(artifact.version.as_str());
+            let seen = health.map(|h| (device, version, h));
+            self.append(id, &changes, Some(&detail), rollout.phase(), seen)?;
+            if let Some(info) = self.info(id)? {
+                progress(&info);
+            }
+        }
+        self.info(id)?
+            .ok_or_else(|| corrupt(format!("rollout {id} vanished")))
+    }
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Running => "running",
+        Phase::Paused => "paused",
+        Phase::Aborted => "aborted",
+        Phase::Completed => "completed",
+    }
+}
+
+/// After a crash: does the device already run `version`?
+async fn check_device(address: &str, version: &str) -> (Outcome, String) {
+    let url = format!("http://{address}/version");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let answer = match client {
+        Ok(c) => c.get(&url).send().await,
+        Err(e) => return (Outcome::NotYet, format!("check: {e}")),
+    };
+    match answer {
+        Ok(r) => match r.json::<serde_json::Value>().await {
+            Ok(v) if v["version"].as_str() == Some(version) => (
+                Outcome::Succeeded,
+                "check: already runs the new version".into(),
+            ),
+            Ok(v) => (Outcome::NotYet, format!("check: runs {}", v["version"])),
+            Err(e) => (Outcome::NotYet, format!("check: {e}")),
+        },
+        Err(e) => (Outcome::NotYet, format!("check: {e}")),
+    }
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 6];
+    if getrandom::fill(&mut b).is_err() {
+        return format!("{:x}", now_ms());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
