@@ -7,7 +7,7 @@
 //! that device's connection and no other's.
 //!
 //! Outcomes, by what the device said:
-//! - connection errors, timeouts, 5xx and 429 are transient: retried with the policy's backoff
+//! - connection errors, timeouts, 5xx, 408 and 429 are transient: retried with the policy's backoff
 //!   until its attempts run out ([`Outcome::Failed`]);
 //! - any other 4xx is a refusal (wrong device, checksum or signature refused, the device will
 //!   not update): never retried ([`Outcome::Rejected`]);
@@ -62,7 +62,7 @@ pub enum Outcome {
 /// Push settings.
 #[derive(Debug, Clone)]
 pub struct PushOptions {
-    /// Timeout of each request.
+    /// Timeout of connecting, and of each wait for the device (not of a whole upload).
     pub request_timeout: Duration,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
@@ -96,8 +96,11 @@ pub async fn push(
     artifact: &Artifact,
     options: &PushOptions,
 ) -> Outcome {
+    // Per connect and per read, not per request: a large artifact's upload may take longer
+    // than the timeout as long as it keeps moving.
     let client = match reqwest::Client::builder()
-        .timeout(options.request_timeout)
+        .connect_timeout(options.request_timeout)
+        .read_timeout(options.request_timeout)
         .pool_max_idle_per_host(1)
         .tcp_nodelay(true)
         .build()
@@ -167,12 +170,12 @@ async fn attempt(
 ) -> Attempt {
     let file = match tokio::fs::File::open(&artifact.path).await {
         Ok(f) => f,
-        // The registry's own copy is gone: not the device's fault, and retrying will not help.
+        // The registry's own copy is unreadable: not the device's doing, so not a refusal.
         Err(e) => {
-            return Attempt::Refused(
-                0,
-                format!("cannot read the artifact {}: {e}", artifact.path.display()),
-            );
+            return Attempt::Transient(format!(
+                "cannot read the artifact {}: {e}",
+                artifact.path.display()
+            ));
         }
     };
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
@@ -201,7 +204,10 @@ async fn attempt(
         .and_then(|v| v["error"].as_str().map(str::to_owned))
         .unwrap_or(text);
     let error = format!("{status}: {error}");
-    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+    if status.is_server_error()
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+    {
         Attempt::Transient(error)
     } else {
         Attempt::Refused(status.as_u16(), error)

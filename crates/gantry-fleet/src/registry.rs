@@ -189,6 +189,10 @@ impl Device {
         if self.tags.iter().any(|t| t.trim().is_empty()) {
             return Err(format!("device {}: a tag is empty", self.id));
         }
+        // `;` separates tags in CSV; a tag holding one would not survive an export.
+        if let Some(t) = self.tags.iter().find(|t| t.contains(';')) {
+            return Err(format!("device {}: tag {t:?} contains `;`", self.id));
+        }
         let texts = [Some(&self.id), Some(&self.name), Some(&self.address)]
             .into_iter()
             .chain([&self.group, &self.location, &self.version].map(Option::as_ref))

@@ -170,6 +170,8 @@ impl Simulation {
                 .route("/update", post(update))
                 .route("/version", get(version))
                 .route("/health", get(health))
+                // Artifacts are firmware images: no 2 MiB default cap on the body.
+                .layer(axum::extract::DefaultBodyLimit::disable())
                 .with_state((Arc::clone(&shared), device));
             let stop = stop.clone();
             tasks.spawn(async move {

@@ -70,7 +70,8 @@ impl WavePlan {
         }
         let canary = match self.canary {
             Canary::Count(n) => n as usize,
-            Canary::Percent(p) => ((total as f64) * p / 100.0).ceil() as usize,
+            // The epsilon keeps exact fractions exact: 1.1 % of 100 000 is 1 100, not 1 101.
+            Canary::Percent(p) => ((total as f64) * p / 100.0 - 1e-9).ceil() as usize,
         }
         .clamp(1, total);
         out.push(0..canary);
@@ -149,6 +150,18 @@ mod tests {
         };
         assert_eq!(sizes(plan, 1000), vec![10, 20, 40, 80, 160, 320, 370]);
         assert_eq!(sizes(plan, 7), vec![1, 2, 4]);
+        let exact = |p: f64, total: usize| {
+            WavePlan {
+                canary: Canary::Percent(p),
+                growth: Growth::Fixed(1),
+            }
+            .waves(total)
+            .map(|w| w[0].len())
+            .unwrap_or(0)
+        };
+        assert_eq!(exact(1.1, 100_000), 1_100);
+        assert_eq!(exact(2.2, 1_500), 33);
+        assert_eq!(exact(0.5, 3), 1);
         let slow = WavePlan {
             canary: Canary::Count(1),
             growth: Growth::Exponential(1.1),

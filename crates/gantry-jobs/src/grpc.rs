@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use gantry_runtime::retry::RetryPolicy;
@@ -1116,6 +1117,7 @@ async fn apply_acks<S: Store>(
     mut batches: mpsc::UnboundedReceiver<CheckedAcks>,
     tx: mpsc::Sender<Result<v1::WorkResponse, Status>>,
     applied: Arc<tokio::sync::Notify>,
+    outstanding: Arc<AtomicUsize>,
     failed: CancellationToken,
 ) {
     let mut answering = true;
@@ -1149,6 +1151,7 @@ async fn apply_acks<S: Store>(
                     {
                         answering = false;
                     }
+                    outstanding.fetch_sub(1, Ordering::AcqRel);
                 }
             }
             Err(e) => {
@@ -1209,22 +1212,30 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
             let (ack_tx, ack_rx) = mpsc::unbounded_channel();
             let applied = Arc::new(tokio::sync::Notify::new());
             let ack_failed = CancellationToken::new();
+            // Batches queued whose answers are not sent yet.
+            let outstanding = Arc::new(AtomicUsize::new(0));
             let acker = tokio::spawn(apply_acks(
                 engine.clone(),
                 ack_rx,
                 tx.clone(),
                 Arc::clone(&applied),
+                Arc::clone(&outstanding),
                 ack_failed.clone(),
             ));
             let mut draining = false;
+            // The stream's last message (an error), sent after every pending ack is answered.
+            let mut last: Option<Result<v1::WorkResponse, Status>> = None;
             loop {
-                if draining && engine.worker_in_flight(conn) == 0 {
-                    let _ = tx.send(work_msg(Out::Drained(v1::Drained {}))).await;
+                if draining
+                    && engine.worker_in_flight(conn) == 0
+                    && outstanding.load(Ordering::Acquire) == 0
+                {
+                    last = Some(work_msg(Out::Drained(v1::Drained {})));
                     break;
                 }
                 tokio::select! {
                     () = stop.cancelled() => {
-                        let _ = tx.send(Err(shutting_down())).await;
+                        last = Some(Err(shutting_down()));
                         break;
                     }
                     () = tx.closed() => {
@@ -1235,6 +1246,7 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                             if let Some(In::Acks(batch)) = m.msg
                                 && let Ok(checked) = check_acks(batch)
                             {
+                                outstanding.fetch_add(1, Ordering::AcqRel);
                                 let _ = ack_tx.send(checked);
                             }
                         }
@@ -1254,14 +1266,17 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                                             adopted: held_to_wire(adopted),
                                             lost: held_to_wire(lost),
                                         })),
-                                        Err(e) => Err(store_status(e)),
+                                        Err(e) => {
+                                            last = Some(Err(store_status(e)));
+                                            break;
+                                        }
                                     };
                                     if tx.send(reply).await.is_err() {
                                         break;
                                     }
                                 }
                                 Err(status) => {
-                                    let _ = tx.send(Err(status)).await;
+                                    last = Some(Err(status));
                                     break;
                                 }
                             }
@@ -1269,12 +1284,13 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                         Ok(Some(v1::WorkRequest { msg: Some(In::Acks(batch)) })) => {
                             match check_acks(batch) {
                                 Ok(checked) => {
+                                    outstanding.fetch_add(1, Ordering::AcqRel);
                                     if ack_tx.send(checked).is_err() {
                                         break;
                                     }
                                 }
                                 Err(status) => {
-                                    let _ = tx.send(Err(status)).await;
+                                    last = Some(Err(status));
                                     break;
                                 }
                             }
@@ -1284,7 +1300,7 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                             draining = true;
                         }
                         Ok(Some(v1::WorkRequest { msg: None })) => {
-                            let _ = tx.send(Err(invalid("WorkRequest", "empty message"))).await;
+                            last = Some(Err(invalid("WorkRequest", "empty message")));
                             break;
                         }
                         Ok(None) | Err(_) => break,
@@ -1304,9 +1320,13 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                     }
                 }
             }
-            // Acks that came before the end are applied before the held attempts are let go.
+            // Acks that came before the end are applied, and answered, before the last message
+            // and before the held attempts are let go.
             drop(ack_tx);
             let _ = acker.await;
+            if let Some(m) = last {
+                let _ = tx.send(m).await;
+            }
             engine.disconnect_worker(conn).await;
             tracing::info!(worker_id = %worker_id, conn, "worker disconnected");
         });

@@ -137,6 +137,13 @@ impl Condition {
     /// Parses `source`.
     pub fn parse(source: &str) -> Result<Self, ParseError> {
         let tokens = lex(source)?;
+        // Long `&&` / `||` chains nest as deeply as they are long, and evaluation recurses.
+        if tokens.len() > MAX_TOKENS {
+            return Err(ParseError {
+                column: tokens[MAX_TOKENS].column,
+                message: format!("longer than {MAX_TOKENS} tokens"),
+            });
+        }
         let mut p = Parser {
             tokens: &tokens,
             at: 0,
@@ -393,11 +400,14 @@ fn lex(source: &str) -> Result<Vec<Token>, ParseError> {
                 }
                 c if c.is_ascii_digit() || c == '-' || c == '.' => {
                     let mut j = i + 1;
-                    while chars
-                        .get(j)
-                        .is_some_and(|d| d.is_ascii_alphanumeric() || *d == '.' || *d == '_')
-                    {
-                        j += 1;
+                    while let Some(&d) = chars.get(j) {
+                        let exponent_sign =
+                            matches!(d, '+' | '-') && matches!(chars.get(j - 1), Some('e' | 'E'));
+                        if d.is_ascii_alphanumeric() || d == '.' || d == '_' || exponent_sign {
+                            j += 1;
+                        } else {
+                            break;
+                        }
                     }
                     let text: String = chars[i..j].iter().collect();
                     match text.parse::<f64>() {
@@ -428,6 +438,8 @@ fn lex(source: &str) -> Result<Vec<Token>, ParseError> {
 
 /// Nesting deeper than this is refused (bounded recursion on hostile input).
 const MAX_DEPTH: usize = 64;
+/// Conditions longer than this (in tokens) are refused.
+const MAX_TOKENS: usize = 1024;
 
 struct Parser<'a> {
     tokens: &'a [Token],
@@ -688,6 +700,19 @@ mod tests {
             "data.tags == [1]".replace("[1]", "data.other").as_str(),
             json!({"tags": [1.0, {"a": 2}], "other": [1, {"a": 2.00}]})
         ));
+    }
+
+    #[test]
+    fn exponents_and_a_length_limit() {
+        assert!(insert(
+            "data.x == 1e3 && data.y == 2.5E-1 && data.z < 1e+9",
+            json!({"x": 1000, "y": 0.25, "z": 5})
+        ));
+        let long = vec!["data.a == 1"; 400].join(" && ");
+        let e = Condition::parse(&long).unwrap_err();
+        assert!(e.message.contains("longer than 1024 tokens"), "{e}");
+        let fine = vec!["data.a == 1"; 150].join(" || ");
+        assert!(insert(&fine, json!({"a": 1})));
     }
 
     #[test]

@@ -210,6 +210,9 @@ fn add_refuses_a_taken_id_and_remove_forgets_tags() {
     let mut blank = device.clone();
     blank.id = " ".into();
     assert!(matches!(r.add(&blank), Err(RegistryError::Invalid(_))));
+    let mut semicolon = device.clone();
+    semicolon.tags = vec!["a;b".into()];
+    assert!(matches!(r.add(&semicolon), Err(RegistryError::Invalid(m)) if m.contains("`;`")));
 }
 
 #[test]

@@ -359,6 +359,12 @@ fn writer_loop(mut conn: Connection, rx: Receiver<Command>) {
                 // Commands that arrive while the transaction runs join it.
                 while let Some(command) = next.take() {
                     pending.push(run_command(&mut tx, command));
+                    // SQLite rolled the whole transaction back (disk full, I/O error): take no
+                    // more commands, or each would commit on its own; the commit below fails
+                    // and every command of this transaction is answered with the error.
+                    if tx.is_autocommit() {
+                        break;
+                    }
                     if pending.len() >= MAX_BATCH {
                         break;
                     }

@@ -518,7 +518,8 @@ async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
     let db = dir.join("fleet.db");
     let dbs = db.to_str().unwrap();
     let file = dir.join("app.bin");
-    std::fs::write(&file, b"new firmware").unwrap();
+    // Over axum's default 2 MiB body cap: devices take firmware-sized uploads.
+    std::fs::write(&file, vec![b'x'; 3 << 20]).unwrap();
     let add = |version: &str| {
         let out = run(&[
             "fleet",
@@ -539,7 +540,11 @@ async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
     };
     add("2.0.0");
     let tampered = add("2.0.1");
-    std::fs::write(tampered["path"].as_str().unwrap(), b"evil firmware").unwrap();
+    // Same size, one byte changed: only the checksum can tell.
+    let stored = tampered["path"].as_str().unwrap();
+    let mut bytes = std::fs::read(stored).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(stored, bytes).unwrap();
 
     // Every simulated device answers 503 to its first two update attempts.
     let port = free_port();
