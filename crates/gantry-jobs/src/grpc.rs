@@ -1017,6 +1017,9 @@ fn work_msg(msg: v1::work_response::Msg) -> Result<v1::WorkResponse, Status> {
     Ok(v1::WorkResponse { msg: Some(msg) })
 }
 
+/// Ack batches a `Work` stream may have queued for the store.
+const ACK_QUEUE: usize = 64;
+
 /// How long a `Work` stream whose worker hung up is still read for acks sent just before.
 const HANG_UP_GRACE: Duration = Duration::from_millis(50);
 
@@ -1114,7 +1117,7 @@ fn answer_acks(
 /// longer be sent (so the attempts they finish are not abandoned as held).
 async fn apply_acks<S: Store>(
     engine: Engine<S>,
-    mut batches: mpsc::UnboundedReceiver<CheckedAcks>,
+    mut batches: mpsc::Receiver<CheckedAcks>,
     tx: mpsc::Sender<Result<v1::WorkResponse, Status>>,
     applied: Arc<tokio::sync::Notify>,
     outstanding: Arc<AtomicUsize>,
@@ -1209,7 +1212,8 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
         let engine = self.engine.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {
-            let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+            // Bounded: a worker acking faster than the store commits waits here (backpressure).
+            let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
             let applied = Arc::new(tokio::sync::Notify::new());
             let ack_failed = CancellationToken::new();
             // Batches queued whose answers are not sent yet.
@@ -1247,7 +1251,7 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                                 && let Ok(checked) = check_acks(batch)
                             {
                                 outstanding.fetch_add(1, Ordering::AcqRel);
-                                let _ = ack_tx.send(checked);
+                                let _ = ack_tx.send(checked).await;
                             }
                         }
                         break;
@@ -1285,7 +1289,7 @@ impl<S: Store> v1::jobs_server::Jobs for GantryJobsService<S> {
                             match check_acks(batch) {
                                 Ok(checked) => {
                                     outstanding.fetch_add(1, Ordering::AcqRel);
-                                    if ack_tx.send(checked).is_err() {
+                                    if ack_tx.send(checked).await.is_err() {
                                         break;
                                     }
                                 }

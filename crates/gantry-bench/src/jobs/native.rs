@@ -107,6 +107,29 @@ pub(super) async fn enqueue_batch(
     }
 }
 
+/// A resent success ack was refused: it is ours after all when the job succeeded with this
+/// attempt (the broken stream's server applied it); otherwise it was refused.
+async fn resolve_resent(
+    mut client: proto::reseolio_client::ReseolioClient<Channel>,
+    job_id: &str,
+    attempt: i32,
+) -> Verdict {
+    let request = proto::GetJobRequest {
+        job_id: job_id.to_owned(),
+    };
+    match client.get_job(request).await {
+        Ok(job) => {
+            let job = job.into_inner();
+            if job.attempt == attempt && job.status == proto::JobStatus::Success as i32 {
+                Ok(job.status)
+            } else {
+                Err(false)
+            }
+        }
+        Err(_) => Err(false),
+    }
+}
+
 /// Most acks in one `AckBatch`.
 const MAX_ACK_BATCH: usize = 1_000;
 
@@ -117,6 +140,7 @@ pub(super) async fn worker(
     spec: WorkerSpec,
     stop: CancellationToken,
 ) {
+    let client_channel = channel.clone();
     let client = JobsClient::new(channel);
     let names = ctx.names();
     let mut rng = StdRng::seed_from_u64(spec.seed ^ u64::from(spec.index).wrapping_mul(0x9e37));
@@ -132,6 +156,9 @@ pub(super) async fn worker(
     let mut stopping: Option<Instant> = None;
     // A new identity (after churn) holds nothing from the old one.
     let mut fresh = true;
+    // Acks sent again after a reconnect, not answered yet.
+    let mut resent: HashSet<Key> = HashSet::new();
+    let lookups = proto::reseolio_client::ReseolioClient::new(client_channel.clone());
     'connect: loop {
         if stopping.is_some() && handlers.is_empty() && sent.is_empty() {
             break;
@@ -189,10 +216,14 @@ pub(super) async fn worker(
         };
         fresh = false;
         if !sent.is_empty() {
-            let acks = sent.values().map(|p| p.ack.clone()).collect();
-            let _ = tx
-                .send(msg(v1::work_request::Msg::Acks(v1::AckBatch { acks })))
-                .await;
+            resent.extend(sent.keys().cloned());
+            let all: Vec<v1::WorkAck> = sent.values().map(|p| p.ack.clone()).collect();
+            for chunk in all.chunks(MAX_ACK_BATCH) {
+                let acks = chunk.to_vec();
+                let _ = tx
+                    .send(msg(v1::work_request::Msg::Acks(v1::AckBatch { acks })))
+                    .await;
+            }
         }
         let abort = Abort::new();
         let churn_at = spec
@@ -255,7 +286,19 @@ pub(super) async fn worker(
                         }
                         v1::work_response::Msg::Acks(answers) => {
                             for r in answers.results {
-                                if let Some(p) = sent.remove(&(r.job_id, r.attempt)) {
+                                let key = (r.job_id, r.attempt);
+                                let was_resent = resent.remove(&key);
+                                if let Some(p) = sent.remove(&key) {
+                                    if !r.ok && was_resent && p.ack.success {
+                                        // The old stream may have applied it before it broke:
+                                        // then this attempt is the job's last, and SUCCESS.
+                                        let lookup = lookups.clone();
+                                        tokio::spawn(async move {
+                                            let verdict = resolve_resent(lookup, &key.0, key.1).await;
+                                            let _ = p.reply.send(verdict);
+                                        });
+                                        continue;
+                                    }
                                     let verdict = if r.ok { Ok(r.new_status) } else { Err(false) };
                                     let _ = p.reply.send(verdict);
                                 }
