@@ -3,6 +3,7 @@
 //! percentiles, duplicates, lost work and the server's memory, judged against pass criteria.
 //!
 //! - [`jobs`]: `gantry bench jobs <scenario>`, for any server speaking Reseolio's gRPC contract.
+//! - [`fleet`]: `gantry bench fleet`, a rollout to simulated devices beside a baseline client.
 //! - [`process`]: servers the harness starts itself (kill, restart) and process memory.
 //! - [`proxy`]: a TCP proxy that adds latency.
 //! - [`stats`]: percentiles and formatting.
@@ -27,6 +28,7 @@
 //! # }
 //! ```
 
+pub mod fleet;
 pub mod jobs;
 pub mod process;
 pub mod proxy;

@@ -31,7 +31,7 @@ impl Clock {
 }
 
 /// Count, percentiles and maximum of a set of latency samples, in microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Number of samples.
     pub count: u64,

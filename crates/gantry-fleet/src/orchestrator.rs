@@ -259,16 +259,7 @@ impl Rollouts {
                 *s = state;
             }
         }
-        let mut devices = DeviceCounts::default();
-        for s in states {
-            match s {
-                DeviceState::Pending => devices.pending += 1,
-                DeviceState::InFlight | DeviceState::Unknown => devices.in_flight += 1,
-                DeviceState::Succeeded => devices.succeeded += 1,
-                DeviceState::Failed => devices.failed += 1,
-                DeviceState::Rejected => devices.rejected += 1,
-            }
-        }
+        let devices = counts(&states);
         Ok(Some(RolloutInfo {
             id: id.to_owned(),
             artifact,
@@ -342,36 +333,56 @@ impl Rollouts {
         phase: Phase,
         seen: Option<(&str, Option<&str>, Health)>,
     ) -> Result<(), RegistryError> {
+        let entry = Entry {
+            changes: changes.to_vec(),
+            detail: detail.map(str::to_owned),
+            seen: seen.map(|(d, v, h)| (d.to_owned(), v.map(str::to_owned), h)),
+        };
+        self.append_many(id, std::slice::from_ref(&entry), phase)
+    }
+
+    /// Appends entries to the trail and records what they saw of devices, in one transaction.
+    fn append_many(
+        &mut self,
+        id: &str,
+        entries: &[Entry],
+        phase: Phase,
+    ) -> Result<(), RegistryError> {
         // IMMEDIATE: the write lock is taken (waiting out other writers) before the read of
         // the last sequence number, so the write cannot fail on a stale snapshot.
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let next: i64 = tx.query_row(
+        let mut seq: i64 = tx.query_row(
             "SELECT COALESCE(max(seq), 0) + 1 FROM rollout_events WHERE rollout_id = ?1",
             [id],
             |r| r.get(0),
         )?;
         let now = now_ms();
-        for (i, change) in changes.iter().enumerate() {
-            let json = serde_json::to_string(change).map_err(|e| corrupt(e.to_string()))?;
-            tx.execute(
+        {
+            let mut insert = tx.prepare_cached(
                 "INSERT INTO rollout_events (rollout_id, seq, at_ms, change, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, next + i as i64, now, json, detail],
             )?;
+            let mut seen = tx.prepare_cached(
+                "UPDATE devices SET version = COALESCE(?2, version), health = ?3, last_seen_ms = ?4
+                 WHERE id = ?1",
+            )?;
+            for entry in entries {
+                for change in &entry.changes {
+                    let json = serde_json::to_string(change).map_err(|e| corrupt(e.to_string()))?;
+                    insert.execute(params![id, seq, now, json, entry.detail])?;
+                    seq += 1;
+                }
+                if let Some((device, version, health)) = &entry.seen {
+                    seen.execute(params![device, version, health.as_str(), now])?;
+                }
+            }
         }
         tx.execute(
             "UPDATE rollouts SET phase = ?2, updated_ms = ?3 WHERE id = ?1",
             params![id, phase_name(phase), now],
         )?;
-        if let Some((device, version, health)) = seen {
-            tx.execute(
-                "UPDATE devices SET version = COALESCE(?2, version), health = ?3, last_seen_ms = ?4
-                 WHERE id = ?1",
-                params![device, version, health.as_str(), now],
-            )?;
-        }
         tx.commit()?;
         Ok(())
     }
@@ -471,7 +482,8 @@ impl Rollouts {
             let (work, changes) = rollout.take_work();
             if !changes.is_empty() {
                 // Written before any push starts.
-                self.append(id, &changes, None, rollout.phase(), None)?;
+                let phase = rollout.phase();
+                blocking(|| self.append(id, &changes, None, phase, None))?;
             }
             for w in work {
                 let (index, check) = match w {
@@ -517,23 +529,72 @@ impl Rollouts {
                 joined = in_flight.join_next() => joined,
                 () = tokio::time::sleep(Duration::from_millis(200)) => continue,
             };
-            let Some(Ok((index, outcome, detail, health))) = joined else {
-                continue;
-            };
-            let changes = rollout
-                .finish(index, outcome)
-                .map_err(|e| RegistryError::Invalid(e.to_string()))?;
-            let device = targets[index].0.as_str();
-            let version = (outcome == Outcome::Succeeded).then_some(artifact.version.as_str());
-            let seen = health.map(|h| (device, version, h));
-            self.append(id, &changes, Some(&detail), rollout.phase(), seen)?;
-            if let Some(info) = self.info(id)? {
-                progress(&info);
+            // Every outcome ready now is recorded in one transaction (one fsync).
+            let mut ready = vec![joined];
+            while let Some(more) = in_flight.try_join_next() {
+                ready.push(Some(more));
             }
+            let mut entries = Vec::with_capacity(ready.len());
+            for joined in ready {
+                let Some(Ok((index, outcome, detail, health))) = joined else {
+                    continue;
+                };
+                let changes = rollout
+                    .finish(index, outcome)
+                    .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+                let device = targets[index].0.clone();
+                let version = (outcome == Outcome::Succeeded).then(|| artifact.version.clone());
+                entries.push(Entry {
+                    changes,
+                    detail: Some(detail),
+                    seen: health.map(|h| (device, version, h)),
+                });
+            }
+            let phase = rollout.phase();
+            blocking(|| self.append_many(id, &entries, phase))?;
+            progress(&RolloutInfo {
+                id: id.to_owned(),
+                artifact: info.artifact.clone(),
+                spec,
+                targets: targets.len() as u64,
+                phase: phase_name(phase).to_owned(),
+                requested: None,
+                devices: counts(rollout.devices()),
+            });
         }
         self.info(id)?
             .ok_or_else(|| corrupt(format!("rollout {id} vanished")))
     }
+}
+
+/// One outcome's trail entries and what it saw of its device.
+struct Entry {
+    changes: Vec<Change>,
+    detail: Option<String>,
+    seen: Option<(String, Option<String>, Health)>,
+}
+
+/// Runs blocking SQLite work without stalling the runtime's other tasks (on a multi-thread
+/// runtime; a current-thread runtime just runs it).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn counts(states: &[DeviceState]) -> DeviceCounts {
+    let mut devices = DeviceCounts::default();
+    for s in states {
+        match s {
+            DeviceState::Pending => devices.pending += 1,
+            DeviceState::InFlight | DeviceState::Unknown => devices.in_flight += 1,
+            DeviceState::Succeeded => devices.succeeded += 1,
+            DeviceState::Failed => devices.failed += 1,
+            DeviceState::Rejected => devices.rejected += 1,
+        }
+    }
+    devices
 }
 
 fn phase_name(p: Phase) -> &'static str {

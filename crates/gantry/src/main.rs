@@ -82,10 +82,14 @@ enum Command {
     Bench(BenchCommand),
 }
 
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// A job-queue scenario against any server speaking Reseolio's contract (gantry or Reseolio).
     Jobs(gantry_bench::jobs::JobsBench),
+    /// A rollout to simulated devices over loopback HTTP, beside a minimal baseline client.
+    Fleet(gantry_bench::fleet::FleetBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,6 +271,7 @@ fn main() -> ExitCode {
         }
         Command::Fleet(command) => fleet_cli::run(command),
         Command::Bench(BenchCommand::Jobs(args)) => run(gantry_bench::jobs::run(args)),
+        Command::Bench(BenchCommand::Fleet(args)) => run(gantry_bench::fleet::run(args)),
     };
     ExitCode::from(code)
 }

@@ -201,3 +201,40 @@ fn bench_usage_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn bench_fleet_rolls_out_to_simulated_devices_beside_a_baseline() {
+    let out = gantry()
+        .args([
+            "bench",
+            "fleet",
+            "--devices",
+            "30",
+            "--concurrency",
+            "8",
+            "--min-ratio",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["rollout"]["phase"], "completed", "{report:#}");
+    assert_eq!(report["rollout"]["succeeded"], 30);
+    assert_eq!(report["baseline"]["succeeded"], 30);
+    assert_eq!(report["rollout"]["per_device_us"]["count"], 30);
+    assert!(report["ratio"].as_f64().unwrap() > 0.0);
+    assert!(
+        report["rollout"]["orchestrator_peak_rss_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // An impossible bound fails the run.
+    let out = gantry()
+        .args(["bench", "fleet", "--devices", "5", "--min-ratio", "1000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
