@@ -3,6 +3,8 @@
 //!
 //! - [`condition`]: the condition language observers filter events with.
 //! - [`config`]: the observer file (which tables are watched, and by whom).
+//! - [`dispatch`]: matching a batch against the observers and handing the matches to the jobs
+//!   engine's PostgreSQL store, with the checkpoint, in one transaction.
 //! - [`schema`]: `install` / `uninstall` of the change-log table, its triggers and the
 //!   observer's own tables, idempotently.
 //! - [`capture`]: the commit-safe cursor over the change log, checkpoints with a fencing epoch,
@@ -12,6 +14,7 @@
 pub mod capture;
 pub mod condition;
 pub mod config;
+pub mod dispatch;
 pub mod schema;
 
 /// An observer failure.
@@ -26,6 +29,9 @@ pub enum Error {
     /// A stored value is not what the observer wrote.
     #[error("corrupt change log: {0}")]
     Corrupt(String),
+    /// The jobs store failed.
+    #[error("jobs store: {0}")]
+    Jobs(#[from] gantry_jobs::store::StoreError),
     /// Another process holds this observer set's checkpoint now (a newer epoch).
     #[error("fenced out: observer set {set} has a newer leader (epoch {current}, ours {ours})")]
     Fenced {

@@ -1103,6 +1103,31 @@ macro_rules! in_transaction {
     }};
 }
 
+impl PostgresStore {
+    /// Enqueues `jobs` and runs `also` in the same transaction: both commit, or neither does.
+    /// This is how another system sharing the database hands work to the jobs engine exactly
+    /// once — the observer enqueues the actions of a batch of events and advances its checkpoint
+    /// in one commit. An error from `also` rolls the enqueue back.
+    pub async fn enqueue_with<T, E: From<StoreError>>(
+        &self,
+        jobs: Vec<NewJob>,
+        now: Millis,
+        also: impl AsyncFnOnce(&Transaction<'_>) -> Result<T, E>,
+    ) -> Result<(Vec<Enqueued>, T), E> {
+        let mut conn = self.conn().await?;
+        let (client, mut prepared) = conn.parts()?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let enqueued = if jobs.is_empty() {
+            Vec::new()
+        } else {
+            enqueue(&tx, &mut prepared, jobs, now).await?
+        };
+        let value = also(&tx).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok((enqueued, value))
+    }
+}
+
 impl Store for PostgresStore {
     async fn enqueue(&self, jobs: Vec<NewJob>, now: Millis) -> Result<Vec<Enqueued>, StoreError> {
         if jobs.is_empty() {

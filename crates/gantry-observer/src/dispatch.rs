@@ -1,0 +1,130 @@
+//! Handing matched events to the jobs engine, exactly once.
+//!
+//! A batch read by the [capture cursor](crate::capture) is matched against the observers
+//! (entity, operation, condition); each match becomes a job in gantry-jobs' PostgreSQL store —
+//! named `observer:<observer>`, in queue `observer`, its argument the event, its idempotency
+//! key `event:<id>` — and the cursor's new position is saved under the holder's fencing epoch
+//! **in the same transaction** ([`PostgresStore::enqueue_with`]). So a batch is handed over
+//! once: a crash before the commit hands it over again from the old position, a crash after it
+//! finds the new position, and a deposed holder's hand-off is refused whole (its jobs roll back
+//! with the refused checkpoint). Retries, backoff, timeouts and dead-lettering of what the jobs
+//! then do are the jobs engine's.
+//!
+//! A condition that cannot be evaluated on an event (see [`crate::condition::EvalError`]) is
+//! not a match; it is reported in [`Handed::condition_errors`], never silently dropped.
+
+use gantry_jobs::model::{JobOptions, Millis, NewJob};
+use gantry_jobs::store::postgres::PostgresStore;
+use serde_json::json;
+
+use crate::Error;
+use crate::capture::{Capture, Event, Position};
+use crate::condition::{Condition, EvalError, Row};
+use crate::config::{Entity, Observer};
+
+/// An observer ready to match events.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    /// The observer.
+    pub observer: Observer,
+    entity: String,
+    condition: Option<Condition>,
+}
+
+impl Matcher {
+    /// Prepares `observer` (its config was checked at load).
+    pub fn new(observer: Observer) -> Self {
+        let entity =
+            Entity::parse(&observer.entity).map_or_else(|| observer.entity.clone(), |e| e.name());
+        let condition = observer.parsed_condition();
+        Self {
+            observer,
+            entity,
+            condition,
+        }
+    }
+
+    /// Whether `event` is for this observer.
+    pub fn matches(&self, event: &Event) -> Result<bool, EvalError> {
+        if event.entity != self.entity || !self.observer.events.contains(&event.op) {
+            return Ok(false);
+        }
+        match &self.condition {
+            None => Ok(true),
+            Some(c) => c.eval(Row {
+                op: event.op,
+                before: event.before.as_ref(),
+                after: event.after.as_ref(),
+            }),
+        }
+    }
+
+    /// The job that runs this observer for `event`.
+    pub fn job(&self, event: &Event, now: Millis) -> NewJob {
+        let args = json!([{
+            "id": event.id,
+            "entity": event.entity,
+            "op": event.op.as_str(),
+            "before": event.before,
+            "after": event.after,
+            "changed_at_ms": event.changed_at_ms,
+        }]);
+        NewJob {
+            name: format!("observer:{}", self.observer.name),
+            queue: "observer".into(),
+            priority: 0,
+            args: serde_json::to_vec(&args).unwrap_or_default(),
+            options: JobOptions::default(),
+            idempotency_key: Some(format!("event:{}", event.id)),
+            run_at: now,
+        }
+    }
+}
+
+/// What a hand-off did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handed {
+    /// Events in the batch.
+    pub events: usize,
+    /// Jobs enqueued (one per matching observer and event; a repeated hand-off of the same
+    /// event deduplicates by its idempotency key).
+    pub jobs: usize,
+    /// Conditions that could not be evaluated: (event id, observer, why).
+    pub condition_errors: Vec<(i64, String, EvalError)>,
+    /// The position saved.
+    pub position: Position,
+}
+
+/// Matches `events` (read from `capture` up to `next`) and, in one transaction, enqueues a job
+/// per match and saves `next` under `epoch`. [`Error::Fenced`] when another holder took the
+/// checkpoint: then nothing was enqueued.
+pub async fn hand_off(
+    store: &PostgresStore,
+    capture: &Capture,
+    matchers: &[Matcher],
+    events: &[Event],
+    next: Position,
+    epoch: i64,
+    now: Millis,
+) -> Result<Handed, Error> {
+    let mut jobs = Vec::new();
+    let mut condition_errors = Vec::new();
+    for event in events {
+        for m in matchers {
+            match m.matches(event) {
+                Ok(true) => jobs.push(m.job(event, now)),
+                Ok(false) => {}
+                Err(e) => condition_errors.push((event.id, m.observer.name.clone(), e)),
+            }
+        }
+    }
+    let (enqueued, ()) = store
+        .enqueue_with(jobs, now, async |tx| capture.save(tx, next, epoch).await)
+        .await?;
+    Ok(Handed {
+        events: events.len(),
+        jobs: enqueued.iter().filter(|e| !e.deduplicated).count(),
+        condition_errors,
+        position: next,
+    })
+}
