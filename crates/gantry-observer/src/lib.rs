@@ -5,6 +5,8 @@
 //! - [`config`]: the observer file (which tables are watched, and by whom).
 //! - [`dispatch`]: matching a batch against the observers and handing the matches to the jobs
 //!   engine's PostgreSQL store, with the checkpoint, in one transaction.
+//! - [`listener`]: leader election per observer set (advisory lock + fencing epoch), the poll
+//!   loop that drives the hand-off, pruning.
 //! - [`schema`]: `install` / `uninstall` of the change-log table, its triggers and the
 //!   observer's own tables, idempotently.
 //! - [`capture`]: the commit-safe cursor over the change log, checkpoints with a fencing epoch,
@@ -15,6 +17,7 @@ pub mod capture;
 pub mod condition;
 pub mod config;
 pub mod dispatch;
+pub mod listener;
 pub mod schema;
 
 /// An observer failure.

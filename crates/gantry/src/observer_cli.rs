@@ -40,6 +40,32 @@ pub enum ObserverCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Runs a listener until SIGINT or SIGTERM: the leader of the observer set reads the change
+    /// log and hands each match to the jobs store (`observer:<name>` jobs) with the checkpoint;
+    /// other listeners stand by and take over when it dies.
+    Run {
+        /// The watched database.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// The observer config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The PostgreSQL schema holding the observer's tables.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_SCHEMA)]
+        schema: String,
+        /// The jobs store's schema in the same database.
+        #[arg(long, value_name = "NAME", default_value = "gantry_jobs")]
+        jobs_schema: String,
+        /// The observer set: one leader per set, each set sees every change once.
+        #[arg(long, value_name = "NAME", default_value = "main")]
+        set: String,
+        /// Changes per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// Pause between polls when nothing is new.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "100ms")]
+        poll: std::time::Duration,
+    },
     /// Checks an observer config file (keys, entities, conditions) without touching a database;
     /// exits 0 when valid, 2 when not.
     ValidateConfig {
@@ -126,6 +152,29 @@ pub async fn run(command: ObserverCommand) -> u8 {
             json,
         } => uninstall(&database, &schema, json).await,
         ObserverCommand::ValidateConfig { config, json } => validate(&config, json),
+        ObserverCommand::Run {
+            database,
+            config,
+            schema,
+            jobs_schema,
+            set,
+            batch,
+            poll,
+        } => {
+            run_listener(
+                gantry_observer::listener::ListenerOptions {
+                    database,
+                    schema,
+                    set,
+                    jobs_schema,
+                    batch: batch.max(1),
+                    poll,
+                    prune_every: std::time::Duration::from_secs(10),
+                },
+                &config,
+            )
+            .await
+        }
         ObserverCommand::Status {
             database,
             schema,
@@ -173,6 +222,60 @@ async fn install(url: &str, config: &Path, schema: &str, json: bool) -> Result<(
         }
     }
     Ok(())
+}
+
+async fn run_listener(
+    options: gantry_observer::listener::ListenerOptions,
+    config: &Path,
+) -> Result<(), Failure> {
+    use gantry_observer::dispatch::Matcher;
+    use gantry_observer::listener::{Report, run};
+    let config = ObserverConfig::load(config).map_err(|e| failure(exit::CONFIG, e.to_string()))?;
+    let matchers: Vec<Matcher> = config.observers.into_iter().map(Matcher::new).collect();
+    // Fail fast when the database is not there or the schema is not installed.
+    let client = connect(&options.database).await?;
+    if gantry_observer::capture::status(&client, &options.schema)
+        .await
+        .map_err(db_failure)?
+        .is_none()
+    {
+        return Err(failure(
+            exit::NOT_FOUND,
+            format!(
+                "schema {} is not installed (gantry observer install)",
+                options.schema
+            ),
+        ));
+    }
+    drop(client);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signals = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = async {
+                    match term.as_mut() {
+                        Some(t) => { t.recv().await; }
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            stop.cancel();
+        })
+    };
+    let set = options.set.clone();
+    let result = run(options, matchers, stop, |r| match r {
+        Report::Leader(epoch) => println!("leader of observer set {set} (epoch {epoch})"),
+        Report::Standby => println!("standby for observer set {set}"),
+        Report::Handed(events, jobs) => println!("handed over {events} change(s): {jobs} job(s)"),
+        Report::Lost(why) => println!("lost leadership: {why}"),
+    })
+    .await;
+    signals.abort();
+    result.map_err(db_failure)
 }
 
 async fn status(url: &str, schema: &str, json: bool) -> Result<(), Failure> {

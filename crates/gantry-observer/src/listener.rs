@@ -1,0 +1,184 @@
+//! The listener: one leader per observer set reads the change log and hands matches to the
+//! jobs store; any number of standbys wait to take over.
+//!
+//! Leadership is a PostgreSQL session advisory lock on a key derived from the schema and the
+//! observer set, held by the leader's connection: when the leader dies (or its connection
+//! does), PostgreSQL releases it and a standby's next try wins. The new leader then
+//! [acquires](crate::capture::Capture::acquire) the checkpoint, which bumps its fencing epoch,
+//! so a deposed leader that is still running can no longer save a position or hand anything
+//! over ([`Error::Fenced`]); it goes back to standby. The leader polls the change log (every
+//! `poll` when idle, at once after a full batch) and prunes what every set has passed.
+
+use std::time::Duration;
+
+use gantry_jobs::store::postgres::PostgresStore;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::capture::Capture;
+use crate::dispatch::{Matcher, hand_off};
+
+/// How a listener runs.
+#[derive(Debug, Clone)]
+pub struct ListenerOptions {
+    /// The watched database.
+    pub database: String,
+    /// The observer's schema in it.
+    pub schema: String,
+    /// The observer set (one leader per set).
+    pub set: String,
+    /// The jobs store's schema in the same database.
+    pub jobs_schema: String,
+    /// Events per batch.
+    pub batch: i64,
+    /// Pause between polls when there is nothing new.
+    pub poll: Duration,
+    /// How often the leader prunes the change log.
+    pub prune_every: Duration,
+}
+
+/// Something a listener reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// This process leads the set now, under this epoch.
+    Leader(i64),
+    /// Another process leads; this one waits.
+    Standby,
+    /// A batch was handed over: events, jobs enqueued.
+    Handed(usize, usize),
+    /// Leadership was lost (fenced, or the connection broke).
+    Lost(String),
+}
+
+async fn connect(url: &str) -> Result<Client, Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Runs until `stop`: stands by, leads when it can, and reports what it does.
+pub async fn run(
+    options: ListenerOptions,
+    matchers: Vec<Matcher>,
+    stop: CancellationToken,
+    mut report: impl FnMut(Report),
+) -> Result<(), Error> {
+    let store = PostgresStore::connect(&options.database, &options.jobs_schema).await?;
+    let capture = Capture::new(&options.schema, &options.set);
+    let lock_key = format!("gantry-observer-leader:{}:{}", options.schema, options.set);
+    let mut standing_by = false;
+    while !stop.is_cancelled() {
+        let mut client = match connect(&options.database).await {
+            Ok(c) => c,
+            Err(e) => {
+                report(Report::Lost(format!("cannot connect: {e}")));
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(options.poll.max(Duration::from_millis(500))) => continue,
+                }
+            }
+        };
+        let leader: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                &[&lock_key],
+            )
+            .await?
+            .get(0);
+        if !leader {
+            if !standing_by {
+                report(Report::Standby);
+                standing_by = true;
+            }
+            drop(client);
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(options.poll.max(Duration::from_millis(200))) => continue,
+            }
+        }
+        standing_by = false;
+        let held = capture.acquire(&client).await?;
+        report(Report::Leader(held.epoch));
+        let why = lead(
+            &options,
+            &store,
+            &capture,
+            &matchers,
+            &mut client,
+            held,
+            &stop,
+            &mut report,
+        )
+        .await;
+        match why {
+            Ok(()) => break,
+            Err(e) => report(Report::Lost(e.to_string())),
+        }
+        // Dropping the connection releases the lock, if it still holds it.
+        drop(client);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn lead(
+    options: &ListenerOptions,
+    store: &PostgresStore,
+    capture: &Capture,
+    matchers: &[Matcher],
+    client: &mut Client,
+    held: crate::capture::Checkpoint,
+    stop: &CancellationToken,
+    report: &mut impl FnMut(Report),
+) -> Result<(), Error> {
+    let mut position = held.position;
+    let mut last_prune = tokio::time::Instant::now();
+    loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        let (events, next) = capture.read(client, position, options.batch).await?;
+        let full = events.len() as i64 >= options.batch;
+        if next != position || !events.is_empty() {
+            let handed = hand_off(
+                store,
+                capture,
+                matchers,
+                &events,
+                next,
+                held.epoch,
+                now_ms(),
+            )
+            .await?;
+            for (id, observer, e) in &handed.condition_errors {
+                tracing::warn!(event = id, observer = %observer, error = %e, "condition not evaluated");
+            }
+            if !events.is_empty() {
+                report(Report::Handed(handed.events, handed.jobs));
+            }
+            position = next;
+        }
+        if last_prune.elapsed() >= options.prune_every {
+            let pruned = capture.prune(client, 10_000).await?;
+            if pruned > 0 {
+                tracing::debug!(pruned, "change log pruned");
+            }
+            last_prune = tokio::time::Instant::now();
+        }
+        if !full {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep(options.poll) => {}
+            }
+        }
+    }
+}
