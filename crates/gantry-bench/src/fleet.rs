@@ -139,6 +139,8 @@ async fn measure(args: &FleetBench, dir: &std::path::Path) -> anyhow::Result<ser
         retry_delay_ms: 100,
         timeout_ms: 10_000,
         gate_timeout_ms: 10_000,
+        start_at_ms: None,
+        window: None,
     };
     let mut rollouts = Rollouts::open(&db)?;
     let info = rollouts.create("2.0.0", &Filter::default(), spec)?;

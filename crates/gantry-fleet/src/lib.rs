@@ -11,10 +11,10 @@
 //!   resume, abort, the audit trail and replay after a crash.
 //! - [`orchestrator`]: rollouts on disk (targets fixed at creation, the audit trail written
 //!   before it is acted on) and the loop that runs them with concurrent pushes.
+//! - [`window`] (pure): maintenance windows (cron + duration + time zone).
 //! - [`simulator`]: N devices speaking the device protocol on their own loopback addresses.
 //!
-//! Not built yet: SSH delivery, maintenance windows and scheduled starts, dynamic rollouts, the
-//! REST API and event stream, metrics.
+//! Not built yet: SSH delivery, dynamic rollouts, the REST API and event stream, metrics.
 
 pub mod artifact;
 pub mod delivery;
@@ -23,3 +23,4 @@ pub mod registry;
 pub mod rollout;
 pub mod simulator;
 pub mod waves;
+pub mod window;

@@ -23,9 +23,10 @@ use crate::delivery::{self, PushOptions};
 use crate::registry::{Artifact, Filter, Health, Registry, RegistryError};
 use crate::rollout::{Change, DeviceState, Outcome, Phase, Rollout, Work};
 use crate::waves::{Canary, Growth, WavePlan};
+use crate::window::{Window, WindowSpec};
 
 /// How a rollout proceeds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutSpec {
     /// Canary size: a count, or a percentage when `canary_percent` is set.
     pub canary: u32,
@@ -47,6 +48,12 @@ pub struct RolloutSpec {
     pub timeout_ms: u64,
     /// Health-gate timeout, ms.
     pub gate_timeout_ms: u64,
+    /// Start no push before this time (ms since the epoch).
+    #[serde(default)]
+    pub start_at_ms: Option<i64>,
+    /// Start pushes only inside this maintenance window (in-flight pushes finish).
+    #[serde(default)]
+    pub window: Option<WindowSpec>,
 }
 
 impl RolloutSpec {
@@ -171,6 +178,9 @@ impl Rollouts {
             .check()
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
         spec.push_options().map_err(RegistryError::Invalid)?;
+        if let Some(w) = &spec.window {
+            Window::parse(w).map_err(RegistryError::Invalid)?;
+        }
         if !(0.0..=100.0).contains(&spec.threshold_percent) {
             return Err(RegistryError::Invalid(format!(
                 "threshold {}% is not between 0 and 100",
@@ -413,8 +423,14 @@ impl Rollouts {
         if info.phase == "completed" || info.phase == "aborted" {
             return Ok(info);
         }
-        let spec = info.spec;
+        let spec = info.spec.clone();
         let options = spec.push_options().map_err(RegistryError::Invalid)?;
+        let window = spec
+            .window
+            .as_ref()
+            .map(Window::parse)
+            .transpose()
+            .map_err(RegistryError::Invalid)?;
         let registry = Registry::open(&self.path)?;
         let artifact: Artifact = registry
             .artifact(&info.artifact)?
@@ -479,7 +495,15 @@ impl Rollouts {
                     return Ok(info);
                 }
             }
-            let (work, changes) = rollout.take_work();
+            // Before the scheduled start, or outside the maintenance window, nothing new starts.
+            let now = now_ms();
+            let held_back = spec.start_at_ms.is_some_and(|t| now < t)
+                || window.as_ref().is_some_and(|w| !w.is_open(now));
+            let (work, changes) = if held_back {
+                (Vec::new(), Vec::new())
+            } else {
+                rollout.take_work()
+            };
             if !changes.is_empty() {
                 // Written before any push starts.
                 let phase = rollout.phase();
@@ -555,7 +579,7 @@ impl Rollouts {
             progress(&RolloutInfo {
                 id: id.to_owned(),
                 artifact: info.artifact.clone(),
-                spec,
+                spec: spec.clone(),
                 targets: targets.len() as u64,
                 phase: phase_name(phase).to_owned(),
                 requested: None,

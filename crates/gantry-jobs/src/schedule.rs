@@ -6,7 +6,7 @@
 //! and what `next_run_at` becomes. It reads no clock and does no I/O; the stores apply its
 //! functions inside their transactions (see `docs/jobs-schedules.md`).
 //!
-//! Cron syntax (the [`croner`] crate, POSIX/Vixie semantics): 5 fields `min hour dom month dow`,
+//! Cron syntax ([`gantry_runtime::cron`], the `croner` crate, POSIX/Vixie semantics): 5 fields `min hour dom month dow`,
 //! 6 with seconds first, or 7 with a year last; `0` and `7` are Sunday; names (`MON`, `JAN`),
 //! ranges, lists, steps (`*/5`, and `0/5` for compatibility), `L`, `W`, `#` and `@daily`-style
 //! nicknames. Day of month and day of week combine with OR unless the day of week starts with `+`.
@@ -39,107 +39,16 @@
 //! ```
 
 use std::fmt;
-use std::str::FromStr;
-
-use chrono::TimeZone as _;
-use chrono_tz::Tz;
-use croner::Cron;
-use croner::parser::{CronParser, Seconds, Year};
 
 use crate::model::{DEFAULT_QUEUE, JobOptions, Millis, NewJob};
 
-/// Longest cron expression accepted, in bytes.
-pub const MAX_EXPRESSION_BYTES: usize = 256;
+pub use gantry_runtime::cron::{
+    CronError as SpecError, CronSpec, MAX_EXPRESSION_BYTES, parse_timezone,
+};
 
 /// How late a tick may fire and still count as on time: the dispatch loop fires ticks within
 /// milliseconds, so anything older was missed (the server was down or stalled).
 pub const ON_TIME_GRACE: Millis = 1_000;
-
-/// A cron expression or time zone that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SpecError {
-    /// The expression does not parse.
-    #[error("invalid cron expression {expression:?}: {reason}")]
-    Cron {
-        /// What was given.
-        expression: String,
-        /// Why it is wrong.
-        reason: String,
-    },
-    /// Not an IANA time zone name.
-    #[error("unknown time zone {0:?}: expected an IANA name such as Europe/Berlin or UTC")]
-    TimeZone(String),
-    /// The expression has no tick after the given time (e.g. `0 0 30 2 *`, or a past year).
-    #[error("cron expression {0:?} never fires after now")]
-    NeverFires(String),
-}
-
-/// A parsed cron expression in a time zone.
-#[derive(Debug, Clone)]
-pub struct CronSpec {
-    cron: Cron,
-    tz: Tz,
-}
-
-impl CronSpec {
-    /// Parses `expression` (5, 6 or 7 fields, see the module docs) read in the IANA zone
-    /// `timezone` (`""` means UTC). An unknown zone is an error, never a silent UTC.
-    pub fn parse(expression: &str, timezone: &str) -> Result<Self, SpecError> {
-        let cron_error = |reason: String| SpecError::Cron {
-            expression: expression.to_owned(),
-            reason,
-        };
-        if expression.len() > MAX_EXPRESSION_BYTES {
-            return Err(cron_error(format!(
-                "is {} bytes, the limit is {MAX_EXPRESSION_BYTES}",
-                expression.len()
-            )));
-        }
-        let cron = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .year(Year::Optional)
-            .sloppy_ranges(true)
-            .build()
-            .parse(expression)
-            .map_err(|e| cron_error(e.to_string()))?;
-        let tz = parse_timezone(timezone)?;
-        Ok(Self { cron, tz })
-    }
-
-    /// The zone's canonical name (`UTC` for `""`).
-    pub fn timezone(&self) -> &'static str {
-        self.tz.name()
-    }
-
-    /// The first tick strictly after `t`, or `None` if there is none (or it is out of range).
-    pub fn next_after(&self, t: Millis) -> Option<Millis> {
-        // Ticks are whole seconds: the first one after t's second is the first one after t.
-        let start = self
-            .tz
-            .timestamp_millis_opt(t.div_euclid(1000) * 1000)
-            .single()?;
-        let next = self.cron.find_next_occurrence(&start, false).ok()?;
-        Some(next.timestamp_millis())
-    }
-
-    /// The last tick at or before `t`, if any (searching back about a year at most).
-    pub fn latest_at_or_before(&self, t: Millis) -> Option<Millis> {
-        let start = self
-            .tz
-            .timestamp_millis_opt(t.div_euclid(1000) * 1000)
-            .single()?;
-        let prev = self.cron.find_previous_occurrence(&start, true).ok()?;
-        Some(prev.timestamp_millis())
-    }
-}
-
-/// An IANA zone name (`""` means UTC).
-pub fn parse_timezone(name: &str) -> Result<Tz, SpecError> {
-    if name.is_empty() {
-        return Ok(Tz::UTC);
-    }
-    Tz::from_str(name).map_err(|_| SpecError::TimeZone(name.to_owned()))
-}
 
 /// What to do about ticks that passed while nothing could fire them (the server was down, the
 /// database unreachable, the dispatch loop stalled longer than [`ON_TIME_GRACE`]).

@@ -7,6 +7,7 @@
 //! - [`shutdown`]: signal handling and the ordered drain of running components.
 //! - [`retry`]: backoff policies (fixed, linear, exponential) with caps and jitter.
 //! - [`circuit_breaker`]: per-key circuit breakers.
+//! - [`cron`]: cron expressions in IANA time zones (next tick, latest tick).
 //!
 //! It owns no system's logic: jobs, search, observer and fleet live in their own crates and use
 //! these building blocks.
@@ -14,6 +15,7 @@
 pub mod admin;
 pub mod circuit_breaker;
 pub mod config;
+pub mod cron;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

@@ -81,6 +81,18 @@ pub enum RolloutCommand {
         /// How long a device has to report the new version and health.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
         gate_timeout: std::time::Duration,
+        /// Start no push before this time (RFC 3339, e.g. 2026-11-23T02:00:00Z).
+        #[arg(long, value_name = "TIME")]
+        start_at: Option<String>,
+        /// Push only inside maintenance windows opening at these cron ticks, e.g. "0 2 * * *".
+        #[arg(long, value_name = "CRON", requires = "window_duration")]
+        window: Option<String>,
+        /// How long each maintenance window stays open, e.g. 3h.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "window")]
+        window_duration: Option<std::time::Duration>,
+        /// The IANA time zone the window's cron is read in [default: UTC].
+        #[arg(long, value_name = "ZONE", default_value = "", requires = "window")]
+        window_tz: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -203,8 +215,26 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
             retry_delay,
             timeout,
             gate_timeout,
+            start_at,
+            window,
+            window_duration,
+            window_tz,
             json,
         } => {
+            let start_at_ms = start_at
+                .map(|t| {
+                    gantry_fleet::registry::parse_time(&t)
+                        .map_err(|e| failure(exit::INVALID, format!("--start-at: {e}")))
+                })
+                .transpose()?;
+            let window = match (window, window_duration) {
+                (Some(cron), Some(d)) => Some(gantry_fleet::window::WindowSpec {
+                    cron,
+                    duration_ms: millis(d),
+                    timezone: window_tz,
+                }),
+                _ => None,
+            };
             let (canary, canary_percent) = match canary.strip_suffix('%') {
                 Some(p) => (p, true),
                 None => (canary.as_str(), false),
@@ -226,6 +256,8 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
                 retry_delay_ms: millis(retry_delay),
                 timeout_ms: millis(timeout),
                 gate_timeout_ms: millis(gate_timeout),
+                start_at_ms,
+                window,
             };
             let f = filter(f)?;
             let info = Rollouts::open(&db.db)?.create(&artifact, &f, spec)?;

@@ -1082,3 +1082,101 @@ fn a_rollout_pauses_resumes_and_survives_sigkill_without_pushing_twice() {
     // No device was pushed twice after it had taken the update.
     assert_eq!(sim.stop(), 30);
 }
+
+#[test]
+fn rollouts_wait_for_their_start_time_and_maintenance_window() {
+    let dir = temp_dir("fleet-window");
+    let db = fleet_with_artifact(&dir);
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let sim = Sim::start(&dir, "win", &["--devices", "4"]);
+    assert!(
+        run(&[
+            "fleet",
+            "devices",
+            "import",
+            "--db",
+            &db,
+            sim.csv.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let create = |extra: &[&str]| {
+        let mut args = vec![
+            "fleet",
+            "rollout",
+            "create",
+            "--db",
+            &db,
+            "--artifact",
+            "2.0.0",
+            "--canary",
+            "2",
+            "--batch",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    // Held back: a window that opens on January 1st only, and a start in 2099.
+    for extra in [
+        &["--window", "0 0 1 1 *", "--window-duration", "1m"][..],
+        &["--start-at", "2099-01-01T00:00:00Z"][..],
+    ] {
+        let id = json_of(&create(extra))["id"].as_str().unwrap().to_owned();
+        let runner = gantry()
+            .args(["fleet", "rollout", "start", "--db", &db, &id, "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        let s = json_of(&run(&[
+            "fleet", "rollout", "status", "--db", &db, &id, "--json",
+        ]));
+        assert_eq!(s["devices"]["pending"], 4, "{extra:?}: {s}");
+        assert!(
+            run(&["fleet", "rollout", "abort", "--db", &db, &id])
+                .status
+                .success()
+        );
+        let out = runner.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "aborted: {out:?}");
+        assert_eq!(json_of(&out)["phase"], "aborted");
+    }
+    // Open: a window every minute lasting two, and a start in the past.
+    let id = json_of(&create(&[
+        "--window",
+        "* * * * *",
+        "--window-duration",
+        "2m",
+        "--window-tz",
+        "Europe/Berlin",
+        "--start-at",
+        "2020-01-01T00:00:00Z",
+    ]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = run(&["fleet", "rollout", "start", "--db", &db, &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json_of(&out)["devices"]["succeeded"], 4);
+    // Bad schedules are refused at creation.
+    for extra in [
+        &["--window", "61 * * * *", "--window-duration", "1h"][..],
+        &[
+            "--window",
+            "0 2 * * *",
+            "--window-duration",
+            "1h",
+            "--window-tz",
+            "Mars/Olympus",
+        ][..],
+        &["--start-at", "tomorrow"][..],
+    ] {
+        let out = create(extra);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {out:?}");
+    }
+    drop(sim);
+}
