@@ -6,13 +6,18 @@
 //! does), PostgreSQL releases it and a standby's next try wins. The new leader then
 //! [acquires](crate::capture::Capture::acquire) the checkpoint, which bumps its fencing epoch,
 //! so a deposed leader that is still running can no longer save a position or hand anything
-//! over ([`Error::Fenced`]); it goes back to standby. The leader polls the change log (every
-//! `poll` when idle, at once after a full batch) and prunes what every set has passed.
+//! over ([`Error::Fenced`]); it goes back to standby. The leader `LISTEN`s on the schema's
+//! channel (the install's statement triggers `NOTIFY` it) and reads the change log when woken,
+//! at once after a full batch, and at least every `poll` (a notification is only a hint: one
+//! missed is caught by the next poll); it prunes what every set has passed.
 
 use std::time::Duration;
 
 use gantry_jobs::store::postgres::PostgresStore;
-use tokio_postgres::{Client, NoTls};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -51,10 +56,18 @@ pub enum Report {
     Lost(String),
 }
 
-async fn connect(url: &str) -> Result<Client, Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+/// Connects; notifications on the connection (LISTEN) wake `wake`.
+async fn connect(url: &str, wake: Arc<Notify>) -> Result<Client, Error> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
-        let _ = connection.await;
+        // Drives the connection and watches for NOTIFY; ends when the connection does.
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
     });
     Ok(client)
 }
@@ -77,7 +90,8 @@ pub async fn run(
     let lock_key = format!("gantry-observer-leader:{}:{}", options.schema, options.set);
     let mut standing_by = false;
     while !stop.is_cancelled() {
-        let mut client = match connect(&options.database).await {
+        let wake = Arc::new(Notify::new());
+        let mut client = match connect(&options.database, Arc::clone(&wake)).await {
             Ok(c) => c,
             Err(e) => {
                 report(Report::Lost(format!("cannot connect: {e}")));
@@ -106,6 +120,11 @@ pub async fn run(
             }
         }
         standing_by = false;
+        // The install's statement triggers NOTIFY on the schema's channel: a change wakes the
+        // leader at once instead of at its next poll.
+        client
+            .batch_execute(&format!("LISTEN {}", crate::ident(&options.schema)))
+            .await?;
         let held = capture.acquire(&client).await?;
         report(Report::Leader(held.epoch));
         let why = lead(
@@ -115,6 +134,7 @@ pub async fn run(
             &matchers,
             &mut client,
             held,
+            &wake,
             &stop,
             &mut report,
         )
@@ -137,6 +157,7 @@ async fn lead(
     matchers: &[Matcher],
     client: &mut Client,
     held: crate::capture::Checkpoint,
+    wake: &Notify,
     stop: &CancellationToken,
     report: &mut impl FnMut(Report),
 ) -> Result<(), Error> {
@@ -177,6 +198,7 @@ async fn lead(
         if !full {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
+                () = wake.notified() => {}
                 () = tokio::time::sleep(options.poll) => {}
             }
         }

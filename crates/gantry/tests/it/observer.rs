@@ -363,3 +363,56 @@ async fn run_hands_changes_to_jobs_and_a_standby_takes_over_when_the_leader_dies
     ))
     .await;
 }
+
+#[tokio::test]
+async fn run_wakes_on_notify_without_waiting_for_its_poll() {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let schema = format!("gantry_obs_notify_{tag}");
+    let jobs_schema = format!("gantry_jobs_notify_{tag}");
+    let table = format!("obs_notify_{tag}");
+    exec(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)")).await;
+    let dir = temp_dir("observer-notify");
+    let config = dir.join("observers.toml");
+    std::fs::write(
+        &config,
+        format!("[[observers]]\nname = \"any\"\nentity = \"{table}\"\n"),
+    )
+    .unwrap();
+    let url = database_url();
+    let cfg = config.to_str().unwrap();
+    let out = observer(&[
+        "install",
+        "--database",
+        &url,
+        "--config",
+        cfg,
+        "--schema",
+        &schema,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // A 60 s poll: only a notification can wake it within the test's patience.
+    let listener = Listener::start(&[
+        "--database",
+        &url,
+        "--config",
+        cfg,
+        "--schema",
+        &schema,
+        "--jobs-schema",
+        &jobs_schema,
+        "--poll",
+        "60s",
+    ]);
+    listener.wait_for("leader of observer set main");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    exec(&format!("INSERT INTO {table} VALUES (1), (2), (3)")).await;
+    // `wait_for` gives up after 30 s, half the poll: only the NOTIFY can have woken it.
+    listener.wait_for("handed over 3 change(s): 3 job(s)");
+    drop(listener);
+    let out = observer(&["uninstall", "--database", &url, "--schema", &schema]);
+    assert_eq!(out.status.code(), Some(0));
+    exec(&format!(
+        "DROP TABLE {table}; DROP SCHEMA \"{jobs_schema}\" CASCADE"
+    ))
+    .await;
+}
