@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::delivery::{self, PushOptions};
-use crate::registry::{Artifact, Filter, Health, Registry, RegistryError};
+use crate::registry::{Artifact, Filter, Health, Registry, RegistryError, now_ms};
 use crate::rollout::{Change, DeviceState, Outcome, Phase, Rollout, Work};
 use crate::waves::{Canary, Growth, WavePlan};
 use crate::window::{Window, WindowSpec};
@@ -135,12 +135,6 @@ pub struct Event {
     pub device: Option<String>,
     /// What happened (the push outcome, the error).
     pub detail: Option<String>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn corrupt(what: String) -> RegistryError {

@@ -163,6 +163,13 @@ mod rfc3339_opt {
     }
 }
 
+/// Now, in milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Parses an RFC 3339 time into milliseconds since the epoch.
 pub fn parse_time(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s)
@@ -407,9 +414,7 @@ impl Registry {
             sha256: stored.sha256,
             signature: stored.signature,
             public_key: stored.public_key,
-            created_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            created_ms: now_ms(),
         };
         let inserted = self.conn.execute(
             "INSERT INTO artifacts (version, path, size, sha256, signature, public_key, created_ms)

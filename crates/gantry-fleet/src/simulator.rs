@@ -33,6 +33,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifact::unhex;
+use crate::registry::now_ms;
+
 /// How the simulated fleet behaves.
 #[derive(Debug, Clone)]
 pub struct SimSpec {
@@ -115,12 +118,6 @@ pub struct Simulation {
     dead: u32,
     /// (device id, address) of every device, dead ones included.
     pub devices: Vec<(String, SocketAddr)>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Simulation {
@@ -234,16 +231,6 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
 async fn update(State((shared, device)): DeviceState, headers: HeaderMap, body: Bytes) -> Response {
     let spec = &shared.spec;
     if !spec.latency.is_zero() {
@@ -272,8 +259,8 @@ async fn update(State((shared, device)): DeviceState, headers: HeaderMap, body: 
         return refuse(StatusCode::INTERNAL_SERVER_ERROR, "injected failure");
     }
     let digest = Sha256::digest(&body);
-    let claimed = header(&headers, "x-artifact-sha256").and_then(unhex);
-    if claimed.as_deref() != Some(digest.as_slice()) {
+    let claimed = header(&headers, "x-artifact-sha256").and_then(unhex::<32>);
+    if claimed.as_ref().map(<[u8; 32]>::as_slice) != Some(digest.as_slice()) {
         return refuse(
             StatusCode::UNPROCESSABLE_ENTITY,
             "checksum mismatch: the body's SHA-256 is not X-Artifact-SHA256",
@@ -281,8 +268,7 @@ async fn update(State((shared, device)): DeviceState, headers: HeaderMap, body: 
     }
     if let Some(key) = &spec.public_key {
         let signature = header(&headers, "x-artifact-signature")
-            .and_then(unhex)
-            .and_then(|b| <[u8; 64]>::try_from(b).ok())
+            .and_then(unhex::<64>)
             .map(|b| ed25519_dalek::Signature::from_bytes(&b));
         let verified = signature.is_some_and(|s| {
             use ed25519_dalek::Verifier as _;

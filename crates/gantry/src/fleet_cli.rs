@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use gantry_fleet::registry::{
-    Delivery, Device, Filter, Format, Health, Registry, RegistryError, format_time,
+    Delivery, Device, Filter, Format, Health, Registry, RegistryError, format_time, now_ms,
 };
 
 mod exit {
@@ -181,13 +181,7 @@ fn print_rollout(r: &gantry_fleet::orchestrator::RolloutInfo) {
 
 /// `gantry fleet rollout …`; returns the exit code.
 pub async fn rollout(command: RolloutCommand) -> u8 {
-    match rollout_inner(command).await {
-        Ok(code) => code,
-        Err(f) => {
-            eprintln!("gantry fleet: {}", f.message);
-            f.code
-        }
-    }
+    exit_code(rollout_inner(command).await)
 }
 
 async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
@@ -396,13 +390,7 @@ pub struct PushArgs {
 
 /// `gantry fleet push`; returns the exit code.
 pub async fn push(args: PushArgs) -> u8 {
-    match push_inner(args).await {
-        Ok(()) => exit::OK,
-        Err(f) => {
-            eprintln!("gantry fleet: {}", f.message);
-            f.code
-        }
-    }
+    exit_code(push_inner(args).await.map(|()| exit::OK))
 }
 
 async fn push_inner(args: PushArgs) -> Result<(), Failure> {
@@ -529,13 +517,7 @@ pub struct SimulateArgs {
 
 /// `gantry fleet simulate`: runs until a signal; returns the exit code.
 pub async fn simulate(args: SimulateArgs) -> u8 {
-    match simulate_inner(args).await {
-        Ok(()) => exit::OK,
-        Err(f) => {
-            eprintln!("gantry fleet: {}", f.message);
-            f.code
-        }
-    }
+    exit_code(simulate_inner(args).await.map(|()| exit::OK))
 }
 
 async fn simulate_inner(args: SimulateArgs) -> Result<(), Failure> {
@@ -836,8 +818,13 @@ pub fn run(command: FleetCommand) -> u8 {
             Err(failure(exit::ERROR, "this command needs the runtime"))
         }
     };
+    exit_code(result.map(|()| exit::OK))
+}
+
+/// The exit code of a command's result, its failure reported on stderr.
+fn exit_code(result: Result<u8, Failure>) -> u8 {
     match result {
-        Ok(()) => exit::OK,
+        Ok(code) => code,
         Err(f) => {
             eprintln!("gantry fleet: {}", f.message);
             f.code
@@ -858,12 +845,6 @@ fn format_arg(s: &str) -> Result<Format, Failure> {
             format!("format {other:?} is not csv or json"),
         )),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn filter(args: FilterArgs) -> Result<Filter, Failure> {

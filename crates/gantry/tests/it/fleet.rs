@@ -281,8 +281,6 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn simulated_devices_speak_the_device_protocol() {
-    use std::io::BufRead as _;
-
     let dir = temp_dir("fleet-sim");
     let run = |args: &[&str]| gantry().args(args).output().unwrap();
     let keys = dir.join("keys");
@@ -335,16 +333,12 @@ async fn simulated_devices_speak_the_device_protocol() {
     let good = add("2.0.0", "fleet-signing.key");
     let forged = add("2.0.1", "other.key");
 
-    let port = free_port();
-    let registry_file = dir.join("sim.csv");
-    let mut child = gantry()
-        .args([
-            "fleet",
-            "simulate",
+    let sim = Sim::start(
+        &dir,
+        "sim",
+        &[
             "--devices",
             "24",
-            "--port",
-            &port.to_string(),
             "--public-key",
             keys.join("fleet-signing.pub").to_str().unwrap(),
             "--dead",
@@ -353,24 +347,10 @@ async fn simulated_devices_speak_the_device_protocol() {
             "0.2",
             "--seed",
             "7",
-            "--registry-file",
-            registry_file.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    // Killed if the test fails before it stops the simulator itself.
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = KillOnDrop(child);
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+        ],
+    );
+    let registry_file = sim.csv.clone();
+    let line = sim.started.clone();
     assert!(line.starts_with("simulating 24 devices ("), "{line}");
     let dead: usize = line
         .split(", ")
@@ -482,25 +462,11 @@ async fn simulated_devices_speak_the_device_protocol() {
     );
     assert_eq!(refused_connections + rejected + updated.len(), 24);
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.0.wait().unwrap();
-    assert!(status.success());
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    assert_eq!(
-        rest.trim(),
-        format!("stopped; {} update(s) applied", updated.len())
-    );
+    assert_eq!(sim.stop(), updated.len() as u64);
 }
 
 #[tokio::test]
 async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
-    use std::io::BufRead as _;
-
     let dir = temp_dir("fleet-push");
     let run = |args: &[&str]| gantry().args(args).output().unwrap();
     let keys = dir.join("keys");
@@ -547,37 +513,19 @@ async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
     std::fs::write(stored, bytes).unwrap();
 
     // Every simulated device answers 503 to its first two update attempts.
-    let port = free_port();
-    let sim_file = dir.join("sim.csv");
-    let mut child = gantry()
-        .args([
-            "fleet",
-            "simulate",
+    let sim = Sim::start(
+        &dir,
+        "sim",
+        &[
             "--devices",
             "3",
             "--flaky",
             "1",
-            "--port",
-            &port.to_string(),
             "--public-key",
             keys.join("fleet-signing.pub").to_str().unwrap(),
-            "--registry-file",
-            sim_file.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = KillOnDrop(child);
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+        ],
+    );
+    let (port, sim_file, line) = (sim.port, sim.csv.clone(), sim.started.clone());
     assert!(line.starts_with("simulating 3 devices"), "{line}");
     assert!(
         run(&[
@@ -716,19 +664,22 @@ struct Sim {
     child: std::process::Child,
     stdout: std::io::BufReader<std::process::ChildStdout>,
     csv: std::path::PathBuf,
+    port: u16,
+    /// Its first line: `simulating N devices (L listening, D dead) …`.
+    started: String,
 }
 
 impl Sim {
     fn start(dir: &std::path::Path, name: &str, args: &[&str]) -> Self {
         use std::io::BufRead as _;
         let csv = dir.join(format!("{name}.csv"));
-        let port = free_port().to_string();
+        let port = free_port();
         let mut child = gantry()
             .args([
                 "fleet",
                 "simulate",
                 "--port",
-                &port,
+                &port.to_string(),
                 "--registry-file",
                 csv.to_str().unwrap(),
             ])
@@ -740,7 +691,13 @@ impl Sim {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert!(line.starts_with("simulating"), "{line}");
-        Self { child, stdout, csv }
+        Self {
+            child,
+            stdout,
+            csv,
+            port,
+            started: line,
+        }
     }
 
     /// Stops it; returns how many updates its devices applied.
