@@ -185,9 +185,7 @@ impl Rollouts {
         if registry.artifact(artifact)?.is_none() {
             return Err(RegistryError::Invalid(format!("no artifact {artifact}")));
         }
-        let (_, total) = registry.list(filter, 0, 0)?;
-        let (targets, _) =
-            registry.list(filter, 0, usize::try_from(total).unwrap_or(usize::MAX))?;
+        let (targets, _) = registry.list(filter, 0, usize::MAX)?;
         if targets.is_empty() {
             return Err(RegistryError::Invalid(
                 "no device matches the filter".into(),
