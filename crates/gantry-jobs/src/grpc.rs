@@ -593,6 +593,7 @@ impl<S: Store> Reseolio for ReseolioService<S> {
             .list(ListFilter {
                 statuses,
                 names: r.names,
+                queue: None,
                 limit,
                 offset,
                 order_by,

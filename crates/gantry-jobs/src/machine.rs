@@ -141,6 +141,25 @@ pub fn ack(
                 finish(job, Status::Dead, now)
             }
         }
+        Outcome::RetryAfter { error, after_ms } => {
+            job.error = Some(error);
+            if job.cancel_requested {
+                finish(job, Status::Cancelled, now)
+            } else {
+                let effect = fail_attempt(job, now, unit, false);
+                match effect.next_run_at {
+                    Some(at) if effect.status == Status::Pending => {
+                        let at = at.max(now.saturating_add(after_ms));
+                        job.run_at = at;
+                        AckEffect {
+                            status: Status::Pending,
+                            next_run_at: Some(at),
+                        }
+                    }
+                    _ => effect,
+                }
+            }
+        }
     })
 }
 
@@ -323,6 +342,43 @@ mod tests {
         let e = ack(&mut j, Some(2), fail(), 110, 0.5).unwrap();
         assert_eq!(e.status, Status::Dead);
         assert_eq!(j.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn retry_after_waits_at_least_as_asked_and_still_dies_at_the_end() {
+        let mut j = job(2);
+        claim(&mut j, "w", 0).unwrap();
+        let later = |after_ms| Outcome::RetryAfter {
+            error: "busy".into(),
+            after_ms,
+        };
+        // The backoff (100 ms) is shorter than asked: the job waits 5 s.
+        let e = ack(&mut j, Some(1), later(5_000), 10, 0.5).unwrap();
+        assert_eq!(e.next_run_at, Some(5_010));
+        assert_eq!((j.status, j.run_at), (Status::Pending, 5_010));
+        claim(&mut j, "w", 5_010).unwrap();
+        // The last attempt goes to DEAD whatever the server asked.
+        let e = ack(&mut j, Some(2), later(1), 5_020, 0.5).unwrap();
+        assert_eq!(e.status, Status::Dead);
+        assert_eq!(j.error.as_deref(), Some("busy"));
+    }
+
+    #[test]
+    fn a_short_retry_after_keeps_the_backoff() {
+        let mut j = job(3);
+        claim(&mut j, "w", 0).unwrap();
+        let e = ack(
+            &mut j,
+            Some(1),
+            Outcome::RetryAfter {
+                error: "busy".into(),
+                after_ms: 1,
+            },
+            5,
+            0.5,
+        )
+        .unwrap();
+        assert_eq!(e.next_run_at, Some(105));
     }
 
     #[test]

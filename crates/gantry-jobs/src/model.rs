@@ -234,6 +234,14 @@ pub enum Outcome {
         /// Whether another attempt may help.
         retry: bool,
     },
+    /// It failed and the next attempt must wait at least `after_ms` (an HTTP `Retry-After`, say):
+    /// the backoff delay, if longer, still wins, and the last attempt still goes to DEAD.
+    RetryAfter {
+        /// The error message.
+        error: String,
+        /// The least delay before the next attempt, in milliseconds.
+        after_ms: Millis,
+    },
 }
 
 /// An acknowledgement of one attempt.

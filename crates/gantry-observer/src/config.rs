@@ -13,10 +13,14 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
+use std::time::Duration;
 
+use gantry_runtime::circuit_breaker::CircuitBreakerConfig;
+use gantry_runtime::retry::RetryConfig;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::action::{ActionConfig, Templates};
 use crate::condition::Condition;
 
 /// A row operation.
@@ -110,6 +114,33 @@ pub struct Observer {
     /// Only events for which this holds (see [`crate::condition`]); checked at load.
     #[serde(default)]
     pub condition: Option<String>,
+    /// What to do with each matching event ([`crate::action`]). Each action of each event is
+    /// its own job, retried on its own.
+    #[serde(default)]
+    pub actions: Vec<ActionConfig>,
+    /// How a failed action is retried (attempts, backoff, delays).
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// The per-attempt timeout of its actions (an action may set its own). Default: 30 s.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// What happens after an action's last attempt fails: `"dlq"`, the only choice and the
+    /// default, keeps it in the dead-letter queue (`gantry observer dlq`).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// What happens to an action that failed for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// It stays in the dead-letter queue until retried or removed.
+    #[default]
+    Dlq,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Observer {
@@ -132,6 +163,37 @@ pub struct ObserverConfig {
     /// The observers.
     #[serde(default)]
     pub observers: Vec<Observer>,
+    /// The Redis server of `cache` actions that name none.
+    #[serde(default)]
+    pub redis: RedisConfig,
+    /// The circuit breaker every endpoint (`scheme://host:port`) of the HTTP actions gets.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// The action workers of `gantry observer run`.
+    #[serde(default)]
+    pub worker: WorkerConfig,
+}
+
+/// `[redis]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// E.g. `redis://127.0.0.1:6379`.
+    pub url: Option<String>,
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Actions run at once by one process. Default: 64.
+    pub concurrency: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { concurrency: 64 }
+    }
 }
 
 impl ObserverConfig {
@@ -174,6 +236,39 @@ impl ObserverConfig {
                     o.name
                 )));
             }
+            o.retry.validate().map_err(|e| {
+                Error::Config(format!("{origin}: observer {:?}: retry: {e}", o.name))
+            })?;
+            if o.timeout.is_zero() {
+                return Err(Error::Config(format!(
+                    "{origin}: observer {:?}: timeout: must be greater than zero",
+                    o.name
+                )));
+            }
+            let mut actions = HashSet::new();
+            for a in &o.actions {
+                let at = format!("{origin}: observer {:?}: action {:?}", o.name, a.name());
+                if !actions.insert(a.name()) {
+                    return Err(Error::Config(format!(
+                        "{at}: the name is used twice (give each a `name`)"
+                    )));
+                }
+                a.check().map_err(|e| Error::Config(format!("{at}: {e}")))?;
+                if let ActionConfig::Cache(c) = a
+                    && c.redis.is_none()
+                    && config.redis.url.is_none()
+                {
+                    return Err(Error::Config(format!(
+                        "{at}: redis: not set here nor in [redis] url"
+                    )));
+                }
+                let mut templates = Templates::default();
+                for (key, source) in a.templates() {
+                    templates
+                        .add(key.clone(), source)
+                        .map_err(|e| Error::Config(format!("{at}: {key}: {e}")))?;
+                }
+            }
             if let Some(source) = &o.condition {
                 let condition = Condition::parse(source).map_err(|e| {
                     Error::Config(format!(
@@ -189,6 +284,19 @@ impl ObserverConfig {
                     )));
                 }
             }
+        }
+        config
+            .circuit_breaker
+            .validate()
+            .map_err(|e| Error::Config(format!("{origin}: circuit_breaker: {e}")))?;
+        if config.worker.concurrency == 0 {
+            return Err(Error::Config(format!(
+                "{origin}: worker: concurrency must be at least 1"
+            )));
+        }
+        if let Some(url) = &config.redis.url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| Error::Config(format!("{origin}: redis: url {url:?}: {e}")))?;
         }
         Ok(config)
     }

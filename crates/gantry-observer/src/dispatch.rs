@@ -1,9 +1,10 @@
 //! Handing matched events to the jobs engine, exactly once.
 //!
 //! A batch read by the [capture cursor](crate::capture) is matched against the observers
-//! (entity, operation, condition); each match becomes a job in gantry-jobs' PostgreSQL store —
-//! named `observer:<observer>`, in queue `observer`, its argument the event, its idempotency
-//! key `event:<id>` — and the cursor's new position is saved under the holder's fencing epoch
+//! (entity, operation, condition); each action of each match becomes a job in gantry-jobs'
+//! PostgreSQL store — named `observer:<observer>:<action>`, in queue `observer`, its argument
+//! the event, its idempotency key `event:<id>`, its retry policy the observer's and its lease
+//! the action's timeout plus [`LEASE_GRACE`] — and the cursor's new position is saved under the holder's fencing epoch
 //! **in the same transaction** ([`PostgresStore::enqueue_with`]). So a batch is handed over
 //! once: a crash before the commit hands it over again from the old position, a crash after it
 //! finds the new position, and a deposed holder's hand-off is refused whole (its jobs roll back
@@ -12,6 +13,8 @@
 //!
 //! A condition that cannot be evaluated on an event (see [`crate::condition::EvalError`]) is
 //! not a match; it is reported in [`Handed::condition_errors`], never silently dropped.
+
+use std::time::Duration;
 
 use gantry_jobs::model::{JobOptions, Millis, NewJob};
 use gantry_jobs::store::postgres::PostgresStore;
@@ -22,6 +25,15 @@ use crate::capture::{Capture, Event, Position};
 use crate::condition::{Condition, EvalError, Row};
 use crate::config::{Entity, Observer};
 
+/// How long past its own timeout an action attempt's lease runs: the action times out (and
+/// reports it) before the jobs engine would call the attempt lost.
+pub const LEASE_GRACE: Duration = Duration::from_secs(5);
+
+/// The job name of an observer's action: `observer:<observer>:<action>`.
+pub fn job_name(observer: &str, action: &str) -> String {
+    format!("observer:{observer}:{action}")
+}
+
 /// An observer ready to match events.
 #[derive(Debug, Clone)]
 pub struct Matcher {
@@ -29,6 +41,8 @@ pub struct Matcher {
     pub observer: Observer,
     entity: String,
     condition: Option<Condition>,
+    /// Per action: its job name and options.
+    actions: Vec<(String, JobOptions)>,
 }
 
 impl Matcher {
@@ -37,10 +51,23 @@ impl Matcher {
         let entity =
             Entity::parse(&observer.entity).map_or_else(|| observer.entity.clone(), |e| e.name());
         let condition = observer.parsed_condition();
+        let retry = observer.retry.validate().unwrap_or_default();
+        let actions = observer
+            .actions
+            .iter()
+            .map(|a| {
+                let options = JobOptions {
+                    retry: retry.clone(),
+                    timeout: a.timeout().unwrap_or(observer.timeout) + LEASE_GRACE,
+                };
+                (job_name(&observer.name, a.name()), options)
+            })
+            .collect();
         Self {
             observer,
             entity,
             condition,
+            actions,
         }
     }
 
@@ -59,8 +86,8 @@ impl Matcher {
         }
     }
 
-    /// The job that runs this observer for `event`.
-    pub fn job(&self, event: &Event, now: Millis) -> NewJob {
+    /// The jobs that run this observer's actions for `event`, one per action.
+    pub fn jobs(&self, event: &Event, now: Millis) -> impl Iterator<Item = NewJob> {
         let args = json!([{
             "id": event.id,
             "entity": event.entity,
@@ -69,15 +96,17 @@ impl Matcher {
             "after": event.after,
             "changed_at_ms": event.changed_at_ms,
         }]);
-        NewJob {
-            name: format!("observer:{}", self.observer.name),
+        let args = serde_json::to_vec(&args).unwrap_or_default();
+        let key = format!("event:{}", event.id);
+        self.actions.iter().map(move |(name, options)| NewJob {
+            name: name.clone(),
             queue: "observer".into(),
             priority: 0,
-            args: serde_json::to_vec(&args).unwrap_or_default(),
-            options: JobOptions::default(),
-            idempotency_key: Some(format!("event:{}", event.id)),
+            args: args.clone(),
+            options: options.clone(),
+            idempotency_key: Some(key.clone()),
             run_at: now,
-        }
+        })
     }
 }
 
@@ -86,8 +115,8 @@ impl Matcher {
 pub struct Handed {
     /// Events in the batch.
     pub events: usize,
-    /// Jobs enqueued (one per matching observer and event; a repeated hand-off of the same
-    /// event deduplicates by its idempotency key).
+    /// Jobs enqueued (one per action of each matching observer and event; a repeated hand-off
+    /// of the same event deduplicates by its idempotency key).
     pub jobs: usize,
     /// Conditions that could not be evaluated: (event id, observer, why).
     pub condition_errors: Vec<(i64, String, EvalError)>,
@@ -112,7 +141,7 @@ pub async fn hand_off(
     for event in events {
         for m in matchers {
             match m.matches(event) {
-                Ok(true) => jobs.push(m.job(event, now)),
+                Ok(true) => jobs.extend(m.jobs(event, now)),
                 Ok(false) => {}
                 Err(e) => condition_errors.push((event.id, m.observer.name.clone(), e)),
             }

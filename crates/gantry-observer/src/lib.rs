@@ -13,12 +13,15 @@
 //!   and pruning of what every observer set has passed. Design note:
 //!   `docs/observer-capture.md`.
 
+pub mod action;
 pub mod capture;
 pub mod condition;
 pub mod config;
 pub mod dispatch;
 pub mod listener;
+pub mod runner;
 pub mod schema;
+pub mod worker;
 
 /// An observer failure.
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,7 @@ mod fleet_cli;
 mod jobs;
 mod jobs_cli;
 mod observer_cli;
+mod observer_dlq;
 
 mod exit {
     pub const OK: u8 = 0;

@@ -13,7 +13,7 @@ use gantry_observer::schema::{self, DEFAULT_SCHEMA};
 use tokio_postgres::{Client, NoTls};
 
 /// Observer exit codes.
-mod exit {
+pub(crate) mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
     pub const CONFIG: u8 = 2;
@@ -40,9 +40,10 @@ pub enum ObserverCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Runs a listener until SIGINT or SIGTERM: the leader of the observer set reads the change
-    /// log and hands each match to the jobs store (`observer:<name>` jobs) with the checkpoint;
-    /// other listeners stand by and take over when it dies.
+    /// Runs a listener and an action worker until SIGINT or SIGTERM: the leader of the observer
+    /// set reads the change log and hands each match to the jobs store (one
+    /// `observer:<observer>:<action>` job per action) with the checkpoint; other listeners stand
+    /// by and take over when it dies. Every listener runs action jobs.
     Run {
         /// The watched database.
         #[arg(long, value_name = "URL")]
@@ -89,6 +90,14 @@ pub enum ObserverCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The dead-letter queue: actions whose last attempt failed (or that were refused with a
+    /// 4xx), kept until retried or removed.
+    Dlq {
+        #[command(flatten)]
+        target: crate::observer_dlq::DlqTarget,
+        #[command(subcommand)]
+        command: crate::observer_dlq::DlqCommand,
+    },
     /// Drops the observer's schema: change log, checkpoints and every trigger it installed.
     Uninstall {
         /// The watched database.
@@ -103,12 +112,12 @@ pub enum ObserverCommand {
     },
 }
 
-struct Failure {
+pub(crate) struct Failure {
     code: u8,
     message: String,
 }
 
-fn failure(code: u8, message: impl Into<String>) -> Failure {
+pub(crate) fn failure(code: u8, message: impl Into<String>) -> Failure {
     Failure {
         code,
         message: message.into(),
@@ -180,6 +189,7 @@ pub async fn run(command: ObserverCommand) -> u8 {
             schema,
             json,
         } => status(&database, &schema, json).await,
+        ObserverCommand::Dlq { target, command } => crate::observer_dlq::run(target, command).await,
     };
     match result {
         Ok(()) => exit::OK,
@@ -231,6 +241,11 @@ async fn run_listener(
     use gantry_observer::dispatch::Matcher;
     use gantry_observer::listener::{Report, run};
     let config = ObserverConfig::load(config).map_err(|e| failure(exit::CONFIG, e.to_string()))?;
+    let runner = std::sync::Arc::new(
+        gantry_observer::runner::Runner::new(&config)
+            .map_err(|e| failure(exit::CONFIG, e.to_string()))?,
+    );
+    let concurrency = config.worker.concurrency;
     let matchers: Vec<Matcher> = config.observers.into_iter().map(Matcher::new).collect();
     // Fail fast when the database is not there or the schema is not installed.
     let client = connect(&options.database).await?;
@@ -248,6 +263,12 @@ async fn run_listener(
         ));
     }
     drop(client);
+    let store = gantry_jobs::store::postgres::PostgresStore::connect(
+        &options.database,
+        &options.jobs_schema,
+    )
+    .await
+    .map_err(|e| failure(exit::CANNOT_CONNECT, format!("jobs store: {e}")))?;
     let stop = tokio_util::sync::CancellationToken::new();
     let signals = {
         let stop = stop.clone();
@@ -266,14 +287,35 @@ async fn run_listener(
             stop.cancel();
         })
     };
+    // Every listener works, leader or standby: the store spreads the action jobs.
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let worker = tokio::spawn(gantry_observer::worker::run(
+        store,
+        runner,
+        gantry_observer::worker::WorkerOptions {
+            worker_id: format!("observer-{}", std::process::id()),
+            concurrency,
+            poll: options.poll.max(std::time::Duration::from_millis(50)),
+        },
+        std::sync::Arc::clone(&wake),
+        stop.clone(),
+    ));
     let set = options.set.clone();
-    let result = run(options, matchers, stop, |r| match r {
+    let result = run(options, matchers, stop.clone(), |r| match r {
         Report::Leader(epoch) => println!("leader of observer set {set} (epoch {epoch})"),
         Report::Standby => println!("standby for observer set {set}"),
-        Report::Handed(events, jobs) => println!("handed over {events} change(s): {jobs} job(s)"),
+        Report::Handed(events, jobs) => {
+            if jobs > 0 {
+                wake.notify_one();
+            }
+            println!("handed over {events} change(s): {jobs} job(s)");
+        }
         Report::Lost(why) => println!("lost leadership: {why}"),
     })
     .await;
+    // The listener ends on stop or on an error; either way the worker drains and stops.
+    stop.cancel();
+    let _ = worker.await;
     signals.abort();
     result.map_err(db_failure)
 }

@@ -86,6 +86,8 @@ pub struct ListFilter {
     pub statuses: Vec<Status>,
     /// Any of these names; empty means all.
     pub names: Vec<String>,
+    /// Only this queue; `None` means all.
+    pub queue: Option<String>,
     /// Page size.
     pub limit: usize,
     /// Rows to skip.

@@ -179,7 +179,8 @@ const COLUMNS: &str = "id, name, queue, priority, args, max_attempts, backoff, i
     attempt_base";
 
 const LIST_FILTER: &str = "(cardinality($1::int4[]) = 0 OR status = ANY($1::int4[])) \
-    AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[]))";
+    AND (cardinality($2::text[]) = 0 OR name = ANY($2::text[])) \
+    AND ($3::text IS NULL OR queue = $3::text)";
 
 fn sql(s: &str, q: Q) -> String {
     match q {
@@ -244,7 +245,7 @@ fn sql(s: &str, q: Q) -> String {
             let direction = if ascending { "ASC" } else { "DESC" };
             format!(
                 "SELECT {COLUMNS} FROM {s}.jobs WHERE {LIST_FILTER} \
-                 ORDER BY {column} {direction}, id {direction} LIMIT $3 OFFSET $4"
+                 ORDER BY {column} {direction}, id {direction} LIMIT $4 OFFSET $5"
             )
         }
         Q::Stats => format!("SELECT status, COUNT(*) FROM {s}.jobs GROUP BY status"),
@@ -1002,6 +1003,10 @@ async fn ack(
                 error: pg_text(error),
                 retry,
             },
+            Outcome::RetryAfter { error, after_ms } => Outcome::RetryAfter {
+                error: pg_text(error),
+                after_ms,
+            },
             success => success,
         };
         match machine::ack(job, a.attempt, outcome, now, rand::random::<f64>()) {
@@ -1125,6 +1130,59 @@ impl PostgresStore {
         let value = also(&tx).await?;
         tx.commit().await.map_err(db_err)?;
         Ok((enqueued, value))
+    }
+
+    /// Deletes a finished job (SUCCESS, DEAD or CANCELLED) and returns it; a job still
+    /// PENDING or RUNNING is refused (cancel it first).
+    pub async fn remove_finished(&self, id: String) -> Result<Result<Job, JobError>, StoreError> {
+        if !storable(&id) {
+            return Ok(Err(JobError::NotFound(id)));
+        }
+        let schema = self.inner.schema.clone();
+        in_transaction!(self, |tx, prepared| {
+            match lock_one(&tx, &mut prepared, &id).await? {
+                None => Ok::<_, StoreError>(Err(JobError::NotFound(id))),
+                Some(job) if !job.status.is_terminal() => Ok(Err(JobError::Rejected(
+                    crate::machine::Rejection::WrongStatus {
+                        status: job.status,
+                        expected: "SUCCESS, DEAD or CANCELLED",
+                    },
+                ))),
+                Some(job) => {
+                    tx.execute(&format!("DELETE FROM {schema}.jobs WHERE id = $1"), &[&id])
+                        .await
+                        .map_err(db_err)?;
+                    Ok(Ok(job))
+                }
+            }
+        })
+    }
+
+    /// Jobs of `status` in `queue`, counted by name.
+    pub async fn count_by_name(
+        &self,
+        queue: &str,
+        status: Status,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (client, _) = conn.parts()?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT name, count(*) FROM {}.jobs WHERE queue = $1 AND status = $2 \
+                     GROUP BY name ORDER BY name",
+                    self.inner.schema
+                ),
+                &[&queue, &status.code()],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let n: i64 = r.try_get(1).map_err(db_err)?;
+                Ok((r.try_get(0).map_err(db_err)?, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
     }
 }
 
@@ -1269,9 +1327,11 @@ impl Store for PostgresStore {
         let limit = to_i64(filter.limit);
         let offset = to_i64(filter.offset);
         // Both go out at once on the one connection (pipelined).
-        let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&statuses, &names];
-        let page_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&statuses, &names, &limit, &offset];
+        let queue = filter.queue.as_deref();
+        let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&statuses, &names, &queue];
+        let page_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&statuses, &names, &queue, &limit, &offset];
         let (total, rows) = tokio::try_join!(
             client.query_one(&count, &count_params),
             client.query(&page, &page_params),

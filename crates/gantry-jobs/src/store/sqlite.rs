@@ -1183,6 +1183,10 @@ fn list(conn: &Connection, filter: &ListFilter) -> Result<(Vec<Job>, u64), Store
         ));
         values.extend(filter.names.iter().map(|n| n.clone().into()));
     }
+    if let Some(queue) = &filter.queue {
+        clauses.push("queue = ?".to_owned());
+        values.push(queue.clone().into());
+    }
     let filter_sql = if clauses.is_empty() {
         String::new()
     } else {

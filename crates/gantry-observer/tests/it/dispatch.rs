@@ -30,6 +30,7 @@ async fn jobs_named(store: &PostgresStore, name: &str) -> Vec<serde_json::Value>
         .list(ListFilter {
             statuses: vec![],
             names: vec![name.to_owned()],
+            queue: Some("observer".into()),
             limit: 100,
             offset: 0,
             order_by: Default::default(),
@@ -70,9 +71,12 @@ async fn matches_become_jobs_in_the_same_commit_as_the_checkpoint() {
     let config = ObserverConfig::parse(
         &format!(
             "[[observers]]\nname = \"big-{t}\"\nentity = \"{table}\"\nevents = [\"INSERT\"]\n\
-             condition = \"data.total >= 100\"\n\n\
+             condition = \"data.total >= 100\"\n\
+             [[observers.actions]]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/a\"\n\
+             [[observers.actions]]\ntype = \"slack\"\nurl = \"http://127.0.0.1:9/b\"\ntext = \"big\"\n\n\
              [[observers]]\nname = \"shipped-{t}\"\nentity = \"{table}\"\nevents = [\"UPDATE\"]\n\
-             condition = \"changed_to('status', 'shipped')\"\n"
+             condition = \"changed_to('status', 'shipped')\"\n\
+             [[observers.actions]]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/c\"\n"
         ),
         "test.toml",
     )
@@ -103,7 +107,7 @@ async fn matches_become_jobs_in_the_same_commit_as_the_checkpoint() {
     let refused = hand_off(&store, &capture, &matchers, &events, pos, held.epoch, 1).await;
     assert!(matches!(refused, Err(Error::Fenced { .. })), "{refused:?}");
     assert!(
-        jobs_named(&store, &format!("observer:big-{t}"))
+        jobs_named(&store, &format!("observer:big-{t}:webhook"))
             .await
             .is_empty()
     );
@@ -111,15 +115,22 @@ async fn matches_become_jobs_in_the_same_commit_as_the_checkpoint() {
     let handed = hand_off(&store, &capture, &matchers, &events, pos, newer.epoch, 1)
         .await
         .unwrap();
-    assert_eq!((handed.events, handed.jobs), (5, 3));
+    // Two matches of `big` with two actions each, one of `shipped` with one.
+    assert_eq!((handed.events, handed.jobs), (5, 5));
     assert!(handed.condition_errors.is_empty());
-    let big = jobs_named(&store, &format!("observer:big-{t}")).await;
+    let big = jobs_named(&store, &format!("observer:big-{t}:webhook")).await;
     let ids: Vec<i64> = big
         .iter()
         .map(|e| e["after"]["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids, vec![1, 3], "100.00 >= 100 and 250 match, 5 does not");
-    let shipped = jobs_named(&store, &format!("observer:shipped-{t}")).await;
+    assert_eq!(
+        jobs_named(&store, &format!("observer:big-{t}:slack"))
+            .await
+            .len(),
+        2
+    );
+    let shipped = jobs_named(&store, &format!("observer:shipped-{t}:webhook")).await;
     assert_eq!(shipped.len(), 1);
     assert_eq!(shipped[0]["before"]["status"], "new");
     assert_eq!(shipped[0]["op"], "UPDATE");
@@ -132,7 +143,9 @@ async fn matches_become_jobs_in_the_same_commit_as_the_checkpoint() {
         .unwrap();
     assert_eq!(again.jobs, 0);
     assert_eq!(
-        jobs_named(&store, &format!("observer:big-{t}")).await.len(),
+        jobs_named(&store, &format!("observer:big-{t}:webhook"))
+            .await
+            .len(),
         2
     );
 

@@ -7,6 +7,7 @@ mod cli;
 mod fleet;
 mod jobs;
 mod observer;
+mod observer_actions;
 mod serve;
 
 use std::process::Command;
