@@ -13,7 +13,7 @@
 //!
 //! Templates are [MiniJinja](https://docs.rs/minijinja) (Jinja2) over the event: `data` (the row
 //! after the change; for a DELETE the deleted row), `before` (UPDATE and DELETE), `op`, `entity`,
-//! `event_id`, `changed_at` (RFC 3339), `observer` and `action`. They are compiled when the file
+//! `event_id` (the change-log id), `event_key` (`<xid>-<id>`, unique for good), `changed_at` (RFC 3339), `observer` and `action`. They are compiled when the file
 //! loads, so a syntax error is a config error naming the observer, the action and the key. A
 //! template that names a field the event lacks fails the attempt for good (the job goes to the
 //! dead-letter queue) instead of sending an empty value; `{{ data.x | default('') }}` makes a
@@ -362,6 +362,9 @@ fn template_error(e: &minijinja::Error) -> String {
 pub struct JobEvent {
     /// The change-log id.
     pub id: i64,
+    /// The writing transaction.
+    #[serde(default)]
+    pub xid: u64,
     /// The table.
     pub entity: String,
     /// The operation.
@@ -380,6 +383,12 @@ impl JobEvent {
         let (event,): (JobEvent,) =
             serde_json::from_slice(args).map_err(|e| format!("not an observer event: {e}"))?;
         Ok(event)
+    }
+
+    /// Its key, unique in the database cluster for good: `<xid>-<id>` (see
+    /// [`crate::capture::Event::key`]).
+    pub fn key(&self) -> String {
+        format!("{}-{}", self.xid, self.id)
     }
 
     /// `data`: the row after, or for a DELETE the deleted row.
@@ -402,6 +411,7 @@ impl JobEvent {
     pub fn document(&self, observer: &str) -> Value {
         json!({
             "event_id": self.id,
+            "event_key": self.key(),
             "observer": observer,
             "entity": self.entity,
             "op": self.op.as_str(),
@@ -419,6 +429,7 @@ impl JobEvent {
             "op": self.op.as_str(),
             "entity": self.entity,
             "event_id": self.id,
+            "event_key": self.key(),
             "changed_at": self.changed_at(),
             "observer": observer,
             "action": action,
@@ -526,6 +537,7 @@ mod tests {
     fn templates_see_the_event_and_refuse_missing_fields() {
         let event = JobEvent {
             id: 7,
+            xid: 9,
             entity: "orders".into(),
             op: EventType::Update,
             before: Some(json!({"status": "new"})),

@@ -41,6 +41,14 @@ pub struct Event {
     pub changed_at_ms: i64,
 }
 
+impl Event {
+    /// Its key, unique in the database cluster for good: `<xid>-<id>`. The change-log id alone
+    /// starts over when the schema is reinstalled; a transaction id is never reused.
+    pub fn key(&self) -> String {
+        format!("{}-{}", self.xid, self.id)
+    }
+}
+
 /// How far an observer set has read the change log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {

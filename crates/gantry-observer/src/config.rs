@@ -175,11 +175,31 @@ pub struct ObserverConfig {
 }
 
 /// `[redis]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// E.g. `redis://127.0.0.1:6379`.
     pub url: Option<String>,
+    /// Record each delivered action's result in Redis and skip an attempt whose action is
+    /// recorded (see [`crate::runner::Runner::run`]). Default: true (when `url` is set).
+    pub dedup: bool,
+    /// How long a record is kept. Default: 24 h.
+    #[serde(with = "humantime_serde")]
+    pub dedup_ttl: Duration,
+    /// The prefix of the records' keys. Default: `gantry:observer`; give database clusters
+    /// sharing one Redis different prefixes.
+    pub prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            dedup: true,
+            dedup_ttl: Duration::from_secs(24 * 3600),
+            prefix: "gantry:observer".into(),
+        }
+    }
 }
 
 /// `[worker]`.

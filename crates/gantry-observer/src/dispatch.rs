@@ -3,7 +3,7 @@
 //! A batch read by the [capture cursor](crate::capture) is matched against the observers
 //! (entity, operation, condition); each action of each match becomes a job in gantry-jobs'
 //! PostgreSQL store — named `observer:<observer>:<action>`, in queue `observer`, its argument
-//! the event, its idempotency key `event:<id>`, its retry policy the observer's and its lease
+//! the event, its idempotency key `event:<xid>-<id>` ([`Event::key`]), its retry policy the observer's and its lease
 //! the action's timeout plus [`LEASE_GRACE`] — and the cursor's new position is saved under the holder's fencing epoch
 //! **in the same transaction** ([`PostgresStore::enqueue_with`]). So a batch is handed over
 //! once: a crash before the commit hands it over again from the old position, a crash after it
@@ -90,6 +90,7 @@ impl Matcher {
     pub fn jobs(&self, event: &Event, now: Millis) -> impl Iterator<Item = NewJob> {
         let args = json!([{
             "id": event.id,
+            "xid": event.xid,
             "entity": event.entity,
             "op": event.op.as_str(),
             "before": event.before,
@@ -97,7 +98,7 @@ impl Matcher {
             "changed_at_ms": event.changed_at_ms,
         }]);
         let args = serde_json::to_vec(&args).unwrap_or_default();
-        let key = format!("event:{}", event.id);
+        let key = format!("event:{}", event.key());
         self.actions.iter().map(move |(name, options)| NewJob {
             name: name.clone(),
             queue: "observer".into(),
@@ -120,6 +121,8 @@ pub struct Handed {
     pub jobs: usize,
     /// Conditions that could not be evaluated: (event id, observer, why).
     pub condition_errors: Vec<(i64, String, EvalError)>,
+    /// Events matched, by observer.
+    pub matched: std::collections::BTreeMap<String, u64>,
     /// The position saved.
     pub position: Position,
 }
@@ -138,10 +141,14 @@ pub async fn hand_off(
 ) -> Result<Handed, Error> {
     let mut jobs = Vec::new();
     let mut condition_errors = Vec::new();
+    let mut matched = std::collections::BTreeMap::<String, u64>::new();
     for event in events {
         for m in matchers {
             match m.matches(event) {
-                Ok(true) => jobs.extend(m.jobs(event, now)),
+                Ok(true) => {
+                    *matched.entry(m.observer.name.clone()).or_default() += 1;
+                    jobs.extend(m.jobs(event, now));
+                }
                 Ok(false) => {}
                 Err(e) => condition_errors.push((event.id, m.observer.name.clone(), e)),
             }
@@ -154,6 +161,7 @@ pub async fn hand_off(
         events: events.len(),
         jobs: enqueued.iter().filter(|e| !e.deduplicated).count(),
         condition_errors,
+        matched,
         position: next,
     })
 }

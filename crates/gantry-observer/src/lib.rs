@@ -19,6 +19,7 @@ pub mod condition;
 pub mod config;
 pub mod dispatch;
 pub mod listener;
+pub mod metrics;
 pub mod runner;
 pub mod schema;
 pub mod worker;

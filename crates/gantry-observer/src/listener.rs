@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::capture::Capture;
 use crate::dispatch::{Matcher, hand_off};
+use crate::metrics::ObserverMetrics;
 
 /// How a listener runs.
 #[derive(Debug, Clone)]
@@ -82,6 +83,7 @@ fn now_ms() -> i64 {
 pub async fn run(
     options: ListenerOptions,
     matchers: Vec<Matcher>,
+    metrics: ObserverMetrics,
     stop: CancellationToken,
     mut report: impl FnMut(Report),
 ) -> Result<(), Error> {
@@ -127,11 +129,15 @@ pub async fn run(
             .await?;
         let held = capture.acquire(&client).await?;
         report(Report::Leader(held.epoch));
+        metrics.leader.set(1);
         let why = lead(
-            &options,
-            &store,
-            &capture,
-            &matchers,
+            &Leading {
+                options: &options,
+                store: &store,
+                capture: &capture,
+                matchers: &matchers,
+                metrics: &metrics,
+            },
             &mut client,
             held,
             &wake,
@@ -139,6 +145,8 @@ pub async fn run(
             &mut report,
         )
         .await;
+        metrics.leader.set(0);
+        metrics.lag_seconds.set(0.0);
         match why {
             Ok(()) => break,
             Err(e) => report(Report::Lost(e.to_string())),
@@ -149,20 +157,33 @@ pub async fn run(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a leader works with.
+struct Leading<'a> {
+    options: &'a ListenerOptions,
+    store: &'a PostgresStore,
+    capture: &'a Capture,
+    matchers: &'a [Matcher],
+    metrics: &'a ObserverMetrics,
+}
+
 async fn lead(
-    options: &ListenerOptions,
-    store: &PostgresStore,
-    capture: &Capture,
-    matchers: &[Matcher],
+    l: &Leading<'_>,
     client: &mut Client,
     held: crate::capture::Checkpoint,
     wake: &Notify,
     stop: &CancellationToken,
     report: &mut impl FnMut(Report),
 ) -> Result<(), Error> {
+    let Leading {
+        options,
+        store,
+        capture,
+        matchers,
+        metrics,
+    } = *l;
     let mut position = held.position;
     let mut last_prune = tokio::time::Instant::now();
+    let mut last_lag: Option<tokio::time::Instant> = None;
     loop {
         if stop.is_cancelled() {
             return Ok(());
@@ -181,12 +202,26 @@ async fn lead(
             )
             .await?;
             for (id, observer, e) in &handed.condition_errors {
+                metrics
+                    .condition_errors
+                    .with_label_values(&[observer])
+                    .inc();
                 tracing::warn!(event = id, observer = %observer, error = %e, "condition not evaluated");
+            }
+            metrics.captured.inc_by(events.len() as u64);
+            for (observer, n) in &handed.matched {
+                metrics.matched.with_label_values(&[observer]).inc_by(*n);
             }
             if !events.is_empty() {
                 report(Report::Handed(handed.events, handed.jobs));
             }
             position = next;
+        }
+        if last_lag.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_lag = Some(tokio::time::Instant::now());
+            let lag = capture.lag_ms(client, position).await?;
+            #[allow(clippy::cast_precision_loss)]
+            metrics.lag_seconds.set(lag as f64 / 1000.0);
         }
         if last_prune.elapsed() >= options.prune_every {
             let pruned = capture.prune(client, 10_000).await?;

@@ -1,13 +1,13 @@
 //! Running one attempt of an action: templates rendered over the event, the request made, what
 //! came back classified ([`Attempt`]).
 //!
-//! - `webhook`: the rendered request, with `Idempotency-Key: <event id>:<observer>:<action>`
+//! - `webhook`: the rendered request, with `Idempotency-Key: <event key>:<observer>:<action>`
 //!   (the same on every attempt, so a receiver can drop repeats), `X-Gantry-Event-Id`,
 //!   `X-Gantry-Timestamp` (Unix seconds) and, with a secret,
 //!   `X-Gantry-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>`.
 //! - `slack`: `{"text": …}` to the incoming webhook.
 //! - `email`: one message over SMTP; a permanent (5xx) refusal gives up, anything else retries.
-//! - `search`: the event as a document with `_id` = the event id (so a repeat overwrites, never
+//! - `search`: the event as a document with `_id` = the event key (so a repeat overwrites, never
 //!   duplicates) through `_bulk`; with daily rollover and a retention, indices past it are
 //!   deleted (checked at most once an hour per action).
 //! - `cache`: `DEL` of the rendered keys.
@@ -32,6 +32,7 @@ use crate::action::{
 };
 use crate::config::ObserverConfig;
 use crate::dispatch::job_name;
+use crate::metrics::ObserverMetrics;
 
 /// One configured action, ready to run.
 struct Prepared {
@@ -52,7 +53,82 @@ pub struct Runner {
     templates: Templates,
     http: reqwest::Client,
     breaker: CircuitBreaker<String>,
-    redis: HashMap<String, tokio::sync::OnceCell<redis::aio::ConnectionManager>>,
+    redis: HashMap<String, RedisServer>,
+    /// The server action results are recorded in, and for how long.
+    dedup: Option<(String, Duration)>,
+    /// Where in Redis the records are.
+    redis_prefix: String,
+    metrics: ObserverMetrics,
+}
+
+/// A Redis server: one multiplexed connection that reconnects by itself, made on first use.
+/// While it is down, calls fail fast: after a failure nothing is tried for a second.
+struct RedisServer {
+    url: String,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+/// How long one Redis call may take before Redis counts as down.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+impl RedisServer {
+    fn new(url: String) -> Self {
+        Self {
+            url,
+            conn: tokio::sync::OnceCell::new(),
+            down_until: Mutex::new(None),
+        }
+    }
+
+    /// Runs `cmd`; an error says why (down, refused, timed out).
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        limit: Duration,
+    ) -> Result<T, String> {
+        if let Some(until) = *self.down_until.lock().unwrap_or_else(|e| e.into_inner())
+            && Instant::now() < until
+        {
+            return Err(format!("Redis {} is down", self.url));
+        }
+        let call = async {
+            let conn = self
+                .conn
+                .get_or_try_init(|| async {
+                    let client = redis::Client::open(self.url.as_str())?;
+                    redis::aio::ConnectionManager::new(client).await
+                })
+                .await?;
+            cmd.query_async::<T>(&mut conn.clone()).await
+        };
+        let result = match tokio::time::timeout(limit, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(format!("Redis {}: {e}", self.url)),
+            Err(_) => Err(format!("Redis {}: no answer within {limit:?}", self.url)),
+        };
+        let mut down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        match (&result, down.is_some()) {
+            (Ok(_), true) => {
+                tracing::info!(url = %self.url, "Redis answers again");
+                *down = None;
+            }
+            (Err(e), false) => {
+                tracing::warn!(url = %self.url, error = %e, "Redis is down; going on without it");
+                *down = Some(Instant::now() + Duration::from_secs(1));
+            }
+            (Err(_), true) => *down = Some(Instant::now() + Duration::from_secs(1)),
+            (Ok(_), false) => {}
+        }
+        result
+    }
+
+    fn is_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
 }
 
 impl std::fmt::Debug for Runner {
@@ -65,21 +141,27 @@ impl std::fmt::Debug for Runner {
 
 impl Runner {
     /// Prepares every action of `config` (which loading checked).
-    pub fn new(config: &ObserverConfig) -> Result<Self, Error> {
-        // The process-wide TLS provider for HTTPS and SMTP over TLS; installing it twice is
-        // harmless (the first one stays).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+    pub fn new(config: &ObserverConfig, metrics: ObserverMetrics) -> Result<Self, Error> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
             .build()
             .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
-        let breaker = CircuitBreaker::new(
-            config
-                .circuit_breaker
-                .validate()
-                .map_err(|e| Error::Config(format!("circuit_breaker: {e}")))?,
-        );
+        let policy = config
+            .circuit_breaker
+            .validate()
+            .map_err(|e| Error::Config(format!("circuit_breaker: {e}")))?;
+        let gauge = metrics.breaker_state.clone();
+        let breaker =
+            CircuitBreaker::with_transition_hook(policy, move |endpoint: &String, _from, to| {
+                let value = match to {
+                    State::Closed => 0,
+                    State::HalfOpen => 1,
+                    State::Open => 2,
+                };
+                gauge.with_label_values(&[endpoint.as_str()]).set(value);
+                tracing::info!(%endpoint, state = to.as_str(), "circuit breaker");
+            });
         let mut templates = Templates::default();
         let mut actions = HashMap::new();
         let mut redis = HashMap::new();
@@ -122,7 +204,7 @@ impl Runner {
                 if let Some(url) = &redis_url {
                     redis
                         .entry(url.clone())
-                        .or_insert_with(tokio::sync::OnceCell::new);
+                        .or_insert_with(|| RedisServer::new(url.clone()));
                 }
                 actions.insert(
                     job_name(&o.name, a.name()),
@@ -139,12 +221,24 @@ impl Runner {
                 );
             }
         }
+        let dedup = match (&config.redis.url, config.redis.dedup) {
+            (Some(url), true) => {
+                redis
+                    .entry(url.clone())
+                    .or_insert_with(|| RedisServer::new(url.clone()));
+                Some((url.clone(), config.redis.dedup_ttl))
+            }
+            _ => None,
+        };
         Ok(Self {
             actions,
             templates,
             http,
             breaker,
             redis,
+            dedup,
+            redis_prefix: config.redis.prefix.clone(),
+            metrics,
         })
     }
 
@@ -160,7 +254,19 @@ impl Runner {
         self.breaker.snapshot()
     }
 
+    /// Whether Redis is up, if the dedup record is on.
+    pub fn redis_up(&self) -> Option<bool> {
+        let (url, _) = self.dedup.as_ref()?;
+        self.redis.get(url).map(|r| !r.is_down())
+    }
+
     /// Runs one attempt of `job_name` on the event in `args`, within the action's timeout.
+    ///
+    /// With `[redis] url` set (and `dedup` on), a delivered action's result is recorded in
+    /// Redis under `<prefix>:done:<job name>:<event key>` (`SET NX` with the TTL), and an
+    /// attempt first looks it up: found, the action was delivered already — by this process or
+    /// another, before an ack was lost — and it is not repeated. Redis down, the attempt goes
+    /// on without the lookup: the jobs store (a SUCCESS job is never run again) is the ledger.
     pub async fn run(&self, job_name: &str, args: &[u8]) -> Attempt {
         let Some(p) = self.actions.get(job_name) else {
             return Attempt::GiveUp(format!("{job_name}: no such action in the config"));
@@ -169,13 +275,80 @@ impl Runner {
             Ok(e) => e,
             Err(e) => return Attempt::GiveUp(e),
         };
-        match tokio::time::timeout(p.timeout, self.attempt(p, &event)).await {
+        let labels = [p.observer.as_str(), p.name.as_str()];
+        let record = self.dedup.as_ref().and_then(|(url, ttl)| {
+            Some((
+                self.redis.get(url)?,
+                *ttl,
+                format!("{}:done:{job_name}:{}", self.redis_prefix, event.key()),
+            ))
+        });
+        if let Some((redis, _, key)) = &record {
+            match redis
+                .query::<Option<String>>(redis::cmd("GET").arg(key), REDIS_TIMEOUT)
+                .await
+            {
+                Ok(Some(recorded)) => {
+                    self.metrics.dedup.with_label_values(&["hit"]).inc();
+                    self.metrics.redis_up.set(1);
+                    let result = serde_json::from_str(&recorded).unwrap_or(Value::Null);
+                    return Attempt::Done(json!({ "deduplicated": true, "result": result }));
+                }
+                Ok(None) => {
+                    self.metrics.dedup.with_label_values(&["miss"]).inc();
+                    self.metrics.redis_up.set(1);
+                }
+                Err(_) => self.metrics.redis_up.set(0),
+            }
+        }
+        let started = Instant::now();
+        // Each call bounds itself by the action's timeout (so a timeout is reported, to the
+        // breaker too); this is the backstop.
+        let backstop = p.timeout + Duration::from_secs(1);
+        let attempt = match tokio::time::timeout(backstop, self.attempt(p, &event)).await {
             Ok(attempt) => attempt,
             Err(_) => Attempt::retry(format!(
                 "timed out after {}",
                 humantime::format_duration(p.timeout)
             )),
-        }
+        };
+        self.metrics
+            .action_seconds
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &attempt {
+            Attempt::Done(result) => {
+                let now_ms = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                #[allow(clippy::cast_precision_loss)]
+                self.metrics
+                    .delivery_seconds
+                    .observe((now_ms - event.changed_at_ms).max(0) as f64 / 1000.0);
+                if let Some((redis, ttl, key)) = &record {
+                    let set = redis
+                        .query::<Option<String>>(
+                            redis::cmd("SET")
+                                .arg(key)
+                                .arg(result.to_string())
+                                .arg("NX")
+                                .arg("EX")
+                                .arg(ttl.as_secs().max(1)),
+                            REDIS_TIMEOUT,
+                        )
+                        .await;
+                    self.metrics.redis_up.set(i64::from(set.is_ok()));
+                }
+                "delivered"
+            }
+            Attempt::Retry { .. } => "failed",
+            Attempt::GiveUp(_) => "dead_lettered",
+        };
+        self.metrics
+            .actions
+            .with_label_values(&[labels[0], labels[1], outcome])
+            .inc();
+        attempt
     }
 
     async fn attempt(&self, p: &Prepared, event: &JobEvent) -> Attempt {
@@ -190,7 +363,7 @@ impl Runner {
             ActionConfig::Slack(s) => match render("text") {
                 Ok(text) => {
                     let body = json!({ "text": text }).to_string();
-                    self.http_call(&s.url, reqwest::Method::POST, Vec::new(), body)
+                    self.http_call(&s.url, reqwest::Method::POST, Vec::new(), body, p.timeout)
                         .await
                         .map(|(attempt, _)| attempt)
                 }
@@ -221,7 +394,7 @@ impl Runner {
         let mut headers = vec![
             (
                 "idempotency-key".to_owned(),
-                format!("{}:{}:{}", event.id, p.observer, p.name),
+                format!("{}:{}:{}", event.key(), p.observer, p.name),
             ),
             ("x-gantry-event-id".to_owned(), event.id.to_string()),
             ("x-gantry-timestamp".to_owned(), timestamp.to_string()),
@@ -237,18 +410,20 @@ impl Runner {
         }
         let method = reqwest::Method::from_bytes(w.method.as_bytes())
             .map_err(|_| Attempt::GiveUp(format!("method {:?}", w.method)))?;
-        self.http_call(&url, method, headers, body)
+        self.http_call(&url, method, headers, body, p.timeout)
             .await
             .map(|(attempt, _)| attempt)
     }
 
-    /// One HTTP request through the endpoint's breaker; on success, also the answer's body.
+    /// One HTTP request through the endpoint's breaker, answered within `timeout` (a timeout
+    /// counts against the endpoint); on success, also the answer's body.
     async fn http_call(
         &self,
         url: &str,
         method: reqwest::Method,
         headers: Vec<(String, String)>,
         body: String,
+        timeout: Duration,
     ) -> Result<(Attempt, Vec<u8>), Attempt> {
         let parsed =
             reqwest::Url::parse(url).map_err(|e| Attempt::GiveUp(format!("url {url:?}: {e}")))?;
@@ -265,7 +440,7 @@ impl Runner {
                 error: format!("{endpoint}: {r}"),
                 after: Some(r.retry_after),
             })?;
-        let mut request = self.http.request(method, parsed);
+        let mut request = self.http.request(method, parsed).timeout(timeout);
         let has_type = headers.iter().any(|(k, _)| k == "content-type");
         for (k, v) in headers {
             request = request.header(k, v);
@@ -296,6 +471,13 @@ impl Runner {
                     ),
                 }
             }
+            Err(e) if e.is_timeout() => (
+                Attempt::retry(format!(
+                    "timed out after {}",
+                    humantime::format_duration(timeout)
+                )),
+                Vec::new(),
+            ),
             Err(e) => (
                 Attempt::retry(format!("{endpoint}: {}", error_chain(&e))),
                 Vec::new(),
@@ -352,15 +534,14 @@ impl Runner {
         event: &JobEvent,
     ) -> Result<Attempt, Attempt> {
         let index = index_name(s, event.changed_at_ms);
-        let mut body =
-            json!({ "index": { "_index": index, "_id": event.id.to_string() } }).to_string();
+        let mut body = json!({ "index": { "_index": index, "_id": event.key() } }).to_string();
         body.push('\n');
         body.push_str(&event.document(&p.observer).to_string());
         body.push('\n');
         let url = format!("{}/_bulk", s.url.trim_end_matches('/'));
         let headers = vec![("content-type".to_owned(), "application/x-ndjson".to_owned())];
         let (attempt, answer) = self
-            .http_call(&url, reqwest::Method::POST, headers, body)
+            .http_call(&url, reqwest::Method::POST, headers, body, p.timeout)
             .await?;
         if !matches!(attempt, Attempt::Done(_)) {
             return Ok(attempt);
@@ -437,22 +618,13 @@ impl Runner {
             .map(|i| render(&format!("keys[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
         let url = p.redis_url.as_deref().unwrap_or_default();
-        let Some(cell) = self.redis.get(url) else {
+        let Some(server) = self.redis.get(url) else {
             return Err(Attempt::GiveUp("no Redis server configured".into()));
         };
-        let mut conn = cell
-            .get_or_try_init(|| async {
-                let client = redis::Client::open(url)?;
-                redis::aio::ConnectionManager::new(client).await
-            })
+        let deleted: u64 = server
+            .query(redis::cmd("DEL").arg(&keys), p.timeout)
             .await
-            .map_err(|e| Attempt::retry(format!("Redis {url}: {e}")))?
-            .clone();
-        let deleted: u64 = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| Attempt::retry(format!("Redis {url}: {e}")))?;
+            .map_err(Attempt::retry)?;
         Ok(Attempt::Done(json!({ "deleted": deleted, "keys": keys })))
     }
 }

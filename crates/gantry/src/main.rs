@@ -10,7 +10,7 @@ use gantry_runtime::config::{Config, DEFAULT_CONFIG, LogFilter, LogFormat};
 use gantry_runtime::shutdown::{Signals, Supervisor};
 use gantry_runtime::telemetry::{self, BuildInfo, Metrics};
 
-const BUILD: BuildInfo = BuildInfo {
+pub(crate) const BUILD: BuildInfo = BuildInfo {
     version: env!("CARGO_PKG_VERSION"),
     commit: env!("GANTRY_COMMIT"),
 };

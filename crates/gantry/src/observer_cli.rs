@@ -66,6 +66,10 @@ pub enum ObserverCommand {
         /// Pause between polls when nothing is new.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "100ms")]
         poll: std::time::Duration,
+        /// Serve /health, /ready and /metrics (Prometheus) here, e.g. 127.0.0.1:9464 (port 0
+        /// picks one; the address is printed).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Checks an observer config file (keys, entities, conditions) without touching a database;
     /// exits 0 when valid, 2 when not.
@@ -169,6 +173,7 @@ pub async fn run(command: ObserverCommand) -> u8 {
             set,
             batch,
             poll,
+            admin,
         } => {
             run_listener(
                 gantry_observer::listener::ListenerOptions {
@@ -181,6 +186,7 @@ pub async fn run(command: ObserverCommand) -> u8 {
                     prune_every: std::time::Duration::from_secs(10),
                 },
                 &config,
+                admin,
             )
             .await
         }
@@ -237,12 +243,17 @@ async fn install(url: &str, config: &Path, schema: &str, json: bool) -> Result<(
 async fn run_listener(
     options: gantry_observer::listener::ListenerOptions,
     config: &Path,
+    admin: Option<std::net::SocketAddr>,
 ) -> Result<(), Failure> {
     use gantry_observer::dispatch::Matcher;
     use gantry_observer::listener::{Report, run};
     let config = ObserverConfig::load(config).map_err(|e| failure(exit::CONFIG, e.to_string()))?;
+    let telemetry = gantry_runtime::telemetry::Metrics::new(crate::BUILD)
+        .map_err(|e| failure(exit::ERROR, format!("metrics: {e}")))?;
+    let metrics = gantry_observer::metrics::ObserverMetrics::register(telemetry.registry())
+        .map_err(|e| failure(exit::ERROR, format!("metrics: {e}")))?;
     let runner = std::sync::Arc::new(
-        gantry_observer::runner::Runner::new(&config)
+        gantry_observer::runner::Runner::new(&config, metrics.clone())
             .map_err(|e| failure(exit::CONFIG, e.to_string()))?,
     );
     let concurrency = config.worker.concurrency;
@@ -270,6 +281,32 @@ async fn run_listener(
     .await
     .map_err(|e| failure(exit::CANNOT_CONNECT, format!("jobs store: {e}")))?;
     let stop = tokio_util::sync::CancellationToken::new();
+    let admin = match admin {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                failure(
+                    exit::ERROR,
+                    format!("cannot bind the admin server to {addr}: {e}"),
+                )
+            })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| failure(exit::ERROR, e.to_string()))?;
+            let readiness = gantry_runtime::admin::Readiness::default();
+            readiness.register("observer").set_ready();
+            let state = gantry_runtime::admin::AdminState {
+                metrics: telemetry,
+                readiness,
+            };
+            println!("admin listening on {bound}");
+            Some(tokio::spawn(gantry_runtime::admin::serve(
+                listener,
+                state,
+                stop.clone(),
+            )))
+        }
+    };
     let signals = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -301,7 +338,7 @@ async fn run_listener(
         stop.clone(),
     ));
     let set = options.set.clone();
-    let result = run(options, matchers, stop.clone(), |r| match r {
+    let result = run(options, matchers, metrics, stop.clone(), |r| match r {
         Report::Leader(epoch) => println!("leader of observer set {set} (epoch {epoch})"),
         Report::Standby => println!("standby for observer set {set}"),
         Report::Handed(events, jobs) => {
@@ -316,6 +353,9 @@ async fn run_listener(
     // The listener ends on stop or on an error; either way the worker drains and stops.
     stop.cancel();
     let _ = worker.await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     signals.abort();
     result.map_err(db_failure)
 }

@@ -5,3 +5,4 @@
 
 mod capture;
 mod dispatch;
+mod runner;

@@ -397,10 +397,15 @@ keys = ["order:{cache_tag}:{{{{ data.id }}}}"]
     assert_eq!(h.headers["x-order"], "1");
     assert_eq!(h.headers["content-type"], "application/json");
     let event_id = h.headers["x-gantry-event-id"].clone();
-    assert_eq!(
-        h.headers["idempotency-key"],
-        format!("{event_id}:order-created:webhook")
-    );
+    // The event key is `<transaction id>-<change-log id>`: unique for good, even across a
+    // reinstall that restarts the change-log ids.
+    let key = h.headers["idempotency-key"].clone();
+    let event_key = key
+        .strip_suffix(":order-created:webhook")
+        .unwrap_or_else(|| panic!("{key}"));
+    let (xid, id) = event_key.split_once('-').unwrap();
+    assert!(xid.parse::<u64>().unwrap() > 0);
+    assert_eq!(id, event_id);
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
     mac.update(format!("{}.", h.headers["x-gantry-timestamp"]).as_bytes());
     mac.update(&h.body);
@@ -430,7 +435,7 @@ keys = ["order:{cache_tag}:{{{{ data.id }}}}"]
         .map(|l| serde_json::from_slice(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
-    assert_eq!(lines[0]["index"]["_id"], Value::String(event_id.clone()));
+    assert_eq!(lines[0]["index"]["_id"], event_key);
     assert!(
         lines[0]["index"]["_index"]
             .as_str()
@@ -684,5 +689,160 @@ async fn two_thousand_events_across_a_leader_sigkill_each_arrive_with_one_idempo
     let jobs = shop.jobs().await;
     assert_eq!(jobs.len(), 2000, "one job per event");
     stop(b);
+    shop.drop().await;
+}
+
+/// A redis-server of the test's own, on a free port, that the test can stop and restart.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: std::path::PathBuf) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian: apt-get install redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port, dir }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn scrape(admin: &str, metric: &str) -> f64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(metric)?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn with_redis_stopped_mid_run_actions_keep_flowing_and_redis_is_used_again_when_back() {
+    let (http, receiver) = Receiver::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis_server = PrivateRedis::start(port, temp_dir("observer-redis"));
+    let shop = Shop::new("redis", |table| {
+        format!(
+            "[redis]\nurl = \"redis://127.0.0.1:{port}\"\n\
+             [[observers]]\nname = \"any\"\nentity = \"{table}\"\n\
+             retry = {{ max_attempts = 5, initial_delay = \"50ms\" }}\n\
+             [[observers.actions]]\ntype = \"webhook\"\nurl = \"http://{http}/hook\"\n"
+        )
+    })
+    .await;
+    let listener = Listener::start(&[
+        "--database",
+        &database_url(),
+        "--config",
+        shop.config.to_str().unwrap(),
+        "--schema",
+        &shop.schema,
+        "--jobs-schema",
+        &shop.jobs_schema,
+        "--poll",
+        "50ms",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let admin = listener
+        .wait_for("admin listening on ")
+        .trim_start_matches("admin listening on ")
+        .to_owned();
+    listener.wait_for("leader of observer set main");
+    assert_eq!(scrape(&admin, "gantry_observer_leader").await, 1.0);
+    let insert = |from: i64, n: i64| {
+        let table = shop.table.clone();
+        async move {
+            let rows: Vec<String> = (from..from + n)
+                .map(|i| format!("({i}, 'x@example.com', 1)"))
+                .collect();
+            exec(&format!("INSERT INTO {table} VALUES {}", rows.join(", "))).await;
+        }
+    };
+    let recorded = || async move {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("gantry:observer:done:observer:any:webhook:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.len()
+    };
+
+    insert(0, 10).await;
+    receiver.wait("/hook", 10).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recorded().await < 10 {
+        assert!(Instant::now() < deadline, "results not recorded in Redis");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        scrape(&admin, "gantry_observer_dedup_total{result=\"miss\"}").await,
+        10.0
+    );
+    assert_eq!(scrape(&admin, "gantry_observer_redis_up").await, 1.0);
+
+    // Redis goes away: actions keep flowing, without the record.
+    redis_server.kill();
+    insert(10, 10).await;
+    receiver.wait("/hook", 20).await;
+    assert_eq!(scrape(&admin, "gantry_observer_redis_up").await, 0.0);
+
+    // Redis comes back: it is used again.
+    let dir = redis_server.dir.clone();
+    let redis_server = PrivateRedis::start(redis_server.port, dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut next = 20;
+    loop {
+        insert(next, 1).await;
+        next += 1;
+        receiver.wait("/hook", usize::try_from(next).unwrap()).await;
+        if recorded().await > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis not used again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(scrape(&admin, "gantry_observer_redis_up").await, 1.0);
+    // Every event was delivered exactly once through all of it.
+    let keys: std::collections::HashSet<String> = receiver
+        .on("/hook")
+        .iter()
+        .map(|g| g.headers["idempotency-key"].clone())
+        .collect();
+    assert_eq!(keys.len(), receiver.on("/hook").len());
+    assert!(scrape(&admin, "gantry_observer_actions_total{action=\"webhook\",observer=\"any\",outcome=\"delivered\"}").await >= 21.0);
+    drop(redis_server);
+    stop(listener);
     shop.drop().await;
 }
