@@ -49,6 +49,47 @@ impl Event {
     }
 }
 
+/// The columns [`row_event`] reads.
+const EVENT_COLUMNS: &str = "id, xid::text, entity, op, before::text, after::text, \
+     (extract(epoch FROM changed_at) * 1000)::bigint";
+
+fn row_event(row: &tokio_postgres::Row) -> Result<Event, Error> {
+    let op: String = row.get(3);
+    let json = |i: usize| -> Result<Option<serde_json::Value>, Error> {
+        row.get::<_, Option<String>>(i)
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| Error::Corrupt(format!("row image: {e}")))
+    };
+    Ok(Event {
+        id: row.get(0),
+        xid: xid(row.get(1))?,
+        entity: row.get(2),
+        op: EventType::parse(&op).ok_or_else(|| Error::Corrupt(format!("operation {op:?}")))?,
+        before: json(4)?,
+        after: json(5)?,
+        changed_at_ms: row.get(6),
+    })
+}
+
+/// The change-log row `id`, if it is still there (not pruned).
+pub async fn event(
+    client: &impl GenericClient,
+    schema: &str,
+    id: i64,
+) -> Result<Option<Event>, Error> {
+    let s = crate::ident(schema);
+    client
+        .query_opt(
+            &format!("SELECT {EVENT_COLUMNS} FROM {s}.changes WHERE id = $1"),
+            &[&id],
+        )
+        .await?
+        .as_ref()
+        .map(row_event)
+        .transpose()
+}
+
 /// How far an observer set has read the change log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
@@ -158,9 +199,7 @@ impl Capture {
         let rows = tx
             .query(
                 &format!(
-                    "SELECT id, xid::text, entity, op, before::text, after::text,
-                            (extract(epoch FROM changed_at) * 1000)::bigint
-                     FROM {s}.changes
+                    "SELECT {EVENT_COLUMNS} FROM {s}.changes
                      WHERE xid >= $1::text::xid8 AND xid < $2::text::xid8 AND id > $3
                      ORDER BY id LIMIT $4"
                 ),
@@ -173,26 +212,7 @@ impl Capture {
             )
             .await?;
         tx.commit().await?;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let op: String = row.get(3);
-            let json = |i: usize| -> Result<Option<serde_json::Value>, Error> {
-                row.get::<_, Option<String>>(i)
-                    .map(|t| serde_json::from_str(&t))
-                    .transpose()
-                    .map_err(|e| Error::Corrupt(format!("row image: {e}")))
-            };
-            events.push(Event {
-                id: row.get(0),
-                xid: xid(row.get(1))?,
-                entity: row.get(2),
-                op: EventType::parse(&op)
-                    .ok_or_else(|| Error::Corrupt(format!("operation {op:?}")))?,
-                before: json(4)?,
-                after: json(5)?,
-                changed_at_ms: row.get(6),
-            });
-        }
+        let events = rows.iter().map(row_event).collect::<Result<Vec<_>, _>>()?;
         let next = match events.last() {
             Some(last) if events.len() as i64 >= limit.max(1) => Position {
                 lo,

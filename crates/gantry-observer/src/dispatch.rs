@@ -73,17 +73,38 @@ impl Matcher {
 
     /// Whether `event` is for this observer.
     pub fn matches(&self, event: &Event) -> Result<bool, EvalError> {
-        if event.entity != self.entity || !self.observer.events.contains(&event.op) {
-            return Ok(false);
+        match self.verdict(event) {
+            Verdict::Matched => Ok(true),
+            Verdict::ConditionError(e) => Err(e),
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether `event` is for this observer, and if not, why not.
+    pub fn verdict(&self, event: &Event) -> Verdict {
+        if event.entity != self.entity {
+            return Verdict::OtherEntity(self.entity.clone());
+        }
+        if !self.observer.events.contains(&event.op) {
+            return Verdict::OtherOperation(self.observer.events.clone());
         }
         match &self.condition {
-            None => Ok(true),
-            Some(c) => c.eval(Row {
+            None => Verdict::Matched,
+            Some(c) => match c.eval(Row {
                 op: event.op,
                 before: event.before.as_ref(),
                 after: event.after.as_ref(),
-            }),
+            }) {
+                Ok(true) => Verdict::Matched,
+                Ok(false) => Verdict::ConditionFalse,
+                Err(e) => Verdict::ConditionError(e),
+            },
         }
+    }
+
+    /// The job names of its actions, in config order.
+    pub fn job_names(&self) -> impl Iterator<Item = &str> {
+        self.actions.iter().map(|(name, _)| name.as_str())
     }
 
     /// The jobs that run this observer's actions for `event`, one per action.
@@ -108,6 +129,38 @@ impl Matcher {
             idempotency_key: Some(key.clone()),
             run_at: now,
         })
+    }
+}
+
+/// Whether an event is for an observer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// It is.
+    Matched,
+    /// The observer watches another table (this one).
+    OtherEntity(String),
+    /// The observer reacts to other operations (these).
+    OtherOperation(Vec<crate::config::EventType>),
+    /// The condition does not hold.
+    ConditionFalse,
+    /// The condition cannot be evaluated on this event (not a match).
+    ConditionError(EvalError),
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Matched => f.write_str("matched"),
+            Verdict::OtherEntity(e) => write!(f, "not matched: it watches {e}"),
+            Verdict::OtherOperation(ops) => {
+                let ops: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
+                write!(f, "not matched: it reacts to {} only", ops.join(", "))
+            }
+            Verdict::ConditionFalse => f.write_str("not matched: the condition is false"),
+            Verdict::ConditionError(e) => {
+                write!(f, "not matched: the condition cannot be evaluated: {e}")
+            }
+        }
     }
 }
 

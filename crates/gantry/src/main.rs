@@ -20,6 +20,7 @@ mod fleet_cli;
 mod jobs;
 mod jobs_cli;
 mod observer_cli;
+mod observer_debug;
 mod observer_dlq;
 
 mod exit {

@@ -94,6 +94,36 @@ pub enum ObserverCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One event: its row images, which observers matched it and why the others did not, and
+    /// each action's job (status, attempts, last error).
+    DebugEvent {
+        /// The event's change-log id (`X-Gantry-Event-Id`, `event_id`).
+        id: i64,
+        /// The watched database.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// The observer config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The PostgreSQL schema holding the observer's tables.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_SCHEMA)]
+        schema: String,
+        /// The jobs store's schema in the same database.
+        #[arg(long, value_name = "NAME", default_value = "gantry_jobs")]
+        jobs_schema: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The `gantry_observer_*` metrics of a running `gantry observer run --admin ADDR`.
+    Metrics {
+        /// Its admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+        admin: String,
+        /// Print a JSON object (metric with labels → value).
+        #[arg(long)]
+        json: bool,
+    },
     /// The dead-letter queue: actions whose last attempt failed (or that were refused with a
     /// 4xx), kept until retried or removed.
     Dlq {
@@ -128,7 +158,7 @@ pub(crate) fn failure(code: u8, message: impl Into<String>) -> Failure {
     }
 }
 
-async fn connect(url: &str) -> Result<Client, Failure> {
+pub(crate) async fn connect(url: &str) -> Result<Client, Failure> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(|e| {
         failure(
             exit::CANNOT_CONNECT,
@@ -143,7 +173,7 @@ async fn connect(url: &str) -> Result<Client, Failure> {
     Ok(client)
 }
 
-fn db_failure(e: gantry_observer::Error) -> Failure {
+pub(crate) fn db_failure(e: gantry_observer::Error) -> Failure {
     match e {
         gantry_observer::Error::Config(m) => failure(exit::VALIDATION, m),
         other => failure(exit::ERROR, other.to_string()),
@@ -196,6 +226,20 @@ pub async fn run(command: ObserverCommand) -> u8 {
             json,
         } => status(&database, &schema, json).await,
         ObserverCommand::Dlq { target, command } => crate::observer_dlq::run(target, command).await,
+        ObserverCommand::DebugEvent {
+            id,
+            database,
+            config,
+            schema,
+            jobs_schema,
+            json,
+        } => {
+            crate::observer_debug::debug_event(&database, &config, &schema, &jobs_schema, id, json)
+                .await
+        }
+        ObserverCommand::Metrics { admin, json } => {
+            crate::observer_debug::metrics(&admin, json).await
+        }
     };
     match result {
         Ok(()) => exit::OK,
@@ -440,6 +484,9 @@ fn validate(path: &Path, json: bool) -> Result<(), Failure> {
                     "entity": o.entity,
                     "events": o.events.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
                     "condition": o.condition,
+                    "actions": o.actions.iter().map(|a| {
+                        serde_json::json!({ "name": a.name(), "type": a.kind() })
+                    }).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -455,15 +502,31 @@ fn validate(path: &Path, json: bool) -> Result<(), Failure> {
         );
         for o in &config.observers {
             let events: Vec<&str> = o.events.iter().map(|e| e.as_str()).collect();
+            let actions: Vec<String> = o
+                .actions
+                .iter()
+                .map(|a| {
+                    if a.name() == a.kind() {
+                        a.kind().to_owned()
+                    } else {
+                        format!("{} ({})", a.name(), a.kind())
+                    }
+                })
+                .collect();
             println!(
-                "  {}: {} on {}{}",
+                "  {}: {} on {}{} -> {}",
                 o.name,
                 events.join("|"),
                 o.entity,
                 o.condition
                     .as_deref()
                     .map(|c| format!(" when {c}"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if actions.is_empty() {
+                    "no actions".to_owned()
+                } else {
+                    actions.join(", ")
+                }
             );
         }
     }

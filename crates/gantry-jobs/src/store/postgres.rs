@@ -1158,6 +1158,28 @@ impl PostgresStore {
         })
     }
 
+    /// The job named `name` with idempotency key `key`, if there is one.
+    pub async fn get_by_key(&self, name: &str, key: &str) -> Result<Option<Job>, StoreError> {
+        if !storable(name) || !storable(key) {
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        let (client, _) = conn.parts()?;
+        client
+            .query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM {}.jobs WHERE name = $1 AND idempotency_key = $2",
+                    self.inner.schema
+                ),
+                &[&name, &key],
+            )
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(row_to_job)
+            .transpose()
+    }
+
     /// Jobs of `status` in `queue`, counted by name.
     pub async fn count_by_name(
         &self,

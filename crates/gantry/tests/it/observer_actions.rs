@@ -348,6 +348,13 @@ index = "orders"
 [[observers.actions]]
 type = "cache"
 keys = ["order:{cache_tag}:{{{{ data.id }}}}"]
+
+[[observers]]
+name = "order-shipped"
+entity = "{table}"
+events = ["UPDATE"]
+condition = "changed_to('status', 'shipped')"
+actions = [{{ type = "slack", url = "http://{http}/slack", text = "shipped" }}]
 "#
         )
     })
@@ -468,6 +475,63 @@ keys = ["order:{cache_tag}:{{{{ data.id }}}}"]
         assert!(Instant::now() < deadline, "{jobs:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // debug-event tells which observers matched and what became of each action.
+    let url = database_url();
+    let debug = |id: &str| {
+        let out = observer(&[
+            "debug-event",
+            id,
+            "--database",
+            &url,
+            "--config",
+            shop.config.to_str().unwrap(),
+            "--schema",
+            &shop.schema,
+            "--jobs-schema",
+            &shop.jobs_schema,
+            "--json",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let report = debug(&event_id);
+    assert_eq!(report["event"]["key"], event_key);
+    assert_eq!(report["observers"][0]["matched"], true);
+    let actions = report["observers"][0]["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 5);
+    for a in actions {
+        assert_eq!(a["job"]["status"], "success", "{a}");
+        assert_eq!(a["job"]["attempts"], 1, "{a}");
+    }
+    assert_eq!(actions[0]["job"]["result"], json!({"status": 200}));
+    assert_eq!(report["observers"][1]["matched"], false);
+    assert_eq!(
+        report["observers"][1]["why"],
+        "not matched: it reacts to UPDATE only"
+    );
+    let small = sql(&format!(
+        "SELECT id FROM \"{}\".changes WHERE after->>'id' = '2'",
+        shop.schema
+    ))
+    .await[0]
+        .get::<_, i64>(0);
+    let report = debug(&small.to_string());
+    assert_eq!(
+        report["observers"][0]["why"],
+        "not matched: the condition is false"
+    );
+    let out = observer(&[
+        "debug-event",
+        "999999999",
+        "--database",
+        &url,
+        "--config",
+        shop.config.to_str().unwrap(),
+        "--schema",
+        &shop.schema,
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
 
     // A restart re-processes nothing.
     stop(listener);
@@ -779,6 +843,12 @@ async fn with_redis_stopped_mid_run_actions_keep_flowing_and_redis_is_used_again
         .to_owned();
     listener.wait_for("leader of observer set main");
     assert_eq!(scrape(&admin, "gantry_observer_leader").await, 1.0);
+    let out = observer(&["metrics", "--admin", &admin, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["gantry_observer_leader"], 1.0);
+    let out = observer(&["metrics", "--admin", "127.0.0.1:9"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     let insert = |from: i64, n: i64| {
         let table = shop.table.clone();
         async move {
