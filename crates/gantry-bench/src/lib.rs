@@ -4,6 +4,8 @@
 //!
 //! - [`jobs`]: `gantry bench jobs <scenario>`, for any server speaking Reseolio's gRPC contract.
 //! - [`fleet`]: `gantry bench fleet`, a rollout to simulated devices beside a baseline client.
+//! - [`observer`]: `gantry bench observer`, PostgreSQL writers against `gantry observer run`
+//!   listeners delivering webhooks to a receiver on loopback.
 //! - [`process`]: servers the harness starts itself (kill, restart) and process memory.
 //! - [`proxy`]: a TCP proxy that adds latency.
 //! - [`stats`]: percentiles and formatting.
@@ -30,6 +32,7 @@
 
 pub mod fleet;
 pub mod jobs;
+pub mod observer;
 pub mod process;
 pub mod proxy;
 pub mod stats;

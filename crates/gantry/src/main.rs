@@ -92,6 +92,8 @@ enum BenchCommand {
     Jobs(gantry_bench::jobs::JobsBench),
     /// A rollout to simulated devices over loopback HTTP, beside a minimal baseline client.
     Fleet(gantry_bench::fleet::FleetBench),
+    /// PostgreSQL writers against `gantry observer run` listeners delivering webhooks.
+    Observer(gantry_bench::observer::ObserverBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,6 +276,7 @@ fn main() -> ExitCode {
         Command::Fleet(command) => fleet_cli::run(command),
         Command::Bench(BenchCommand::Jobs(args)) => run(gantry_bench::jobs::run(args)),
         Command::Bench(BenchCommand::Fleet(args)) => run(gantry_bench::fleet::run(args)),
+        Command::Bench(BenchCommand::Observer(args)) => run(gantry_bench::observer::run(args)),
     };
     ExitCode::from(code)
 }

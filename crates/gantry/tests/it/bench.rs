@@ -238,3 +238,48 @@ fn bench_fleet_rolls_out_to_simulated_devices_beside_a_baseline() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
+
+#[test]
+fn bench_observer_delivers_every_change_across_a_leader_sigkill() {
+    let url = crate::jobs::database_url();
+    let out = gantry()
+        .args([
+            "bench",
+            "observer",
+            "--database",
+            &url,
+            "--rate",
+            "400",
+            "--duration",
+            "3s",
+            "--baseline",
+            "1s",
+            "--listeners",
+            "2",
+            "--kill-leader",
+            "--max-failover",
+            "1h",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let written = report["written"].as_u64().unwrap();
+    assert!(written > 0, "{report:#}");
+    assert_eq!(report["delivered"], written, "{report:#}");
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["unexpected"], 0);
+    assert_eq!(report["duplicated_after_dedup"], 0);
+    assert_eq!(report["latency"]["count"], written);
+    assert!(report["failover_ms"].as_u64().is_some(), "{report:#}");
+    assert!(report["database_alone_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["peak_rss"].as_u64().unwrap() > 0);
+    // --kill-leader needs someone to take over.
+    let out = gantry()
+        .args(["bench", "observer", "--database", &url, "--kill-leader"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listeners 2"));
+}

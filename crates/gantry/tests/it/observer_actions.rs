@@ -48,6 +48,7 @@ impl Receiver {
         this.hook_status.store(200, Ordering::SeqCst);
         let app = axum::Router::new()
             .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(this.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         (addr, this)
@@ -913,6 +914,47 @@ async fn with_redis_stopped_mid_run_actions_keep_flowing_and_redis_is_used_again
     assert_eq!(keys.len(), receiver.on("/hook").len());
     assert!(scrape(&admin, "gantry_observer_actions_total{action=\"webhook\",observer=\"any\",outcome=\"delivered\"}").await >= 21.0);
     drop(redis_server);
+    stop(listener);
+    shop.drop().await;
+}
+
+#[tokio::test]
+async fn a_100_kb_and_a_100_mb_event_are_delivered_whole() {
+    let (http, receiver) = Receiver::start().await;
+    let shop = Shop::new("big", |table| {
+        format!(
+            "[[observers]]\nname = \"any\"\nentity = \"{table}\"\ntimeout = \"60s\"\n\
+             [[observers.actions]]\ntype = \"webhook\"\nurl = \"http://{http}/hook\"\n"
+        )
+    })
+    .await;
+    let listener = shop.listen();
+    for (id, size) in [(1, 100 * 1024), (2, 100 * 1024 * 1024)] {
+        // The `email` column carries the payload.
+        exec(&format!(
+            "INSERT INTO {} VALUES ({id}, repeat('x', {size}), 1)",
+            shop.table
+        ))
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let hooks = loop {
+        let hooks = receiver.on("/hook");
+        if hooks.len() >= 2 {
+            break hooks;
+        }
+        assert!(Instant::now() < deadline, "{} of 2 events", hooks.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut sizes: Vec<usize> = hooks
+        .iter()
+        .map(|g| {
+            let body: Value = serde_json::from_slice(&g.body).unwrap();
+            body["data"]["email"].as_str().unwrap().len()
+        })
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [100 * 1024, 100 * 1024 * 1024]);
     stop(listener);
     shop.drop().await;
 }
