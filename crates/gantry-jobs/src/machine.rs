@@ -141,6 +141,24 @@ pub fn ack(
                 finish(job, Status::Dead, now)
             }
         }
+        Outcome::Defer { error, after_ms } => {
+            job.error = Some(error);
+            if job.cancel_requested {
+                finish(job, Status::Cancelled, now)
+            } else {
+                // Not an attempt: the base moves up with it, so the tries counted stay the same.
+                job.attempt_base = job.attempt_base.saturating_add(1).min(job.attempt);
+                let run_at = now.saturating_add(after_ms.max(0));
+                job.status = Status::Pending;
+                job.run_at = run_at;
+                job.lease_until = None;
+                job.worker_id = None;
+                AckEffect {
+                    status: Status::Pending,
+                    next_run_at: Some(run_at),
+                }
+            }
+        }
         Outcome::RetryAfter { error, after_ms } => {
             job.error = Some(error);
             if job.cancel_requested {
@@ -361,6 +379,31 @@ mod tests {
         let e = ack(&mut j, Some(2), later(1), 5_020, 0.5).unwrap();
         assert_eq!(e.status, Status::Dead);
         assert_eq!(j.error.as_deref(), Some("busy"));
+    }
+
+    #[test]
+    fn a_deferred_attempt_does_not_count() {
+        let mut j = job(2);
+        let defer = |after_ms| Outcome::Defer {
+            error: "circuit open".into(),
+            after_ms,
+        };
+        // Deferred ten times, and it still has both attempts.
+        let mut now = 0;
+        for _ in 0..10 {
+            claim(&mut j, "w", now).unwrap();
+            let attempt = j.attempt;
+            let e = ack(&mut j, Some(attempt), defer(1_000), now, 0.5).unwrap();
+            assert_eq!(e.next_run_at, Some(now + 1_000));
+            now += 1_000;
+        }
+        claim(&mut j, "w", now).unwrap();
+        let e = ack(&mut j, None, fail(), now, 0.5).unwrap();
+        assert_eq!(e.status, Status::Pending);
+        claim(&mut j, "w", e.next_run_at.unwrap()).unwrap();
+        let e = ack(&mut j, None, fail(), now + 500, 0.5).unwrap();
+        assert_eq!(e.status, Status::Dead);
+        assert_eq!(j.attempt, 12);
     }
 
     #[test]

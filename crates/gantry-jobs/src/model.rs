@@ -242,6 +242,14 @@ pub enum Outcome {
         /// The least delay before the next attempt, in milliseconds.
         after_ms: Millis,
     },
+    /// It did not run (say, a circuit breaker refused the call): the job goes back to PENDING
+    /// for `after_ms` and this attempt does not count against its `max_attempts`.
+    Defer {
+        /// Why it did not run.
+        error: String,
+        /// How long to wait, in milliseconds.
+        after_ms: Millis,
+    },
 }
 
 /// An acknowledgement of one attempt.

@@ -451,6 +451,14 @@ pub enum Attempt {
     },
     /// Failed for good: to the dead-letter queue.
     GiveUp(String),
+    /// Not tried (the endpoint's circuit breaker is open): again after `after`, and it does
+    /// not count as an attempt.
+    Deferred {
+        /// Why not.
+        error: String,
+        /// When to try again.
+        after: Duration,
+    },
 }
 
 impl Attempt {

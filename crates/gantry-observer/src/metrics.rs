@@ -16,7 +16,7 @@ pub struct ObserverMetrics {
     /// evaluated on an event (not a match; logged).
     pub condition_errors: IntCounterVec,
     /// `gantry_observer_actions_total{observer,action,outcome}`: attempts by outcome —
-    /// `delivered`, `failed` (will retry) or `dead_lettered`.
+    /// `delivered`, `failed` (will retry), `dead_lettered` or `deferred` (an open breaker).
     pub actions: IntCounterVec,
     /// `gantry_observer_action_seconds{observer,action}`: one attempt, start to outcome.
     pub action_seconds: HistogramVec,
@@ -70,7 +70,8 @@ impl ObserverMetrics {
             actions: IntCounterVec::new(
                 Opts::new(
                     "gantry_observer_actions_total",
-                    "Action attempts by outcome: delivered, failed (retried) or dead_lettered.",
+                    "Action attempts by outcome: delivered, failed (retried), dead_lettered or \
+                     deferred (circuit open).",
                 ),
                 &["observer", "action", "outcome"],
             )?,

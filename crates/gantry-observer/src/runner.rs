@@ -13,9 +13,10 @@
 //! - `cache`: `DEL` of the rendered keys.
 //!
 //! HTTP actions share one connection pool and one circuit breaker per endpoint
-//! (`scheme://host:port`): while an endpoint's breaker is open, its attempts fail at once and
-//! wait out the open period (`Retry-After`-style), so a dead endpoint is not hammered and does
-//! not hold workers.
+//! (`scheme://host:port`): while an endpoint's breaker is open, its jobs are deferred at once
+//! to the end of the open period without counting an attempt (a failed half-open probe too),
+//! so a dead endpoint is not hammered, does not hold workers, and does not burn its events'
+//! attempts: they wait for it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -343,6 +344,7 @@ impl Runner {
             }
             Attempt::Retry { .. } => "failed",
             Attempt::GiveUp(_) => "dead_lettered",
+            Attempt::Deferred { .. } => "deferred",
         };
         self.metrics
             .actions
@@ -436,9 +438,9 @@ impl Runner {
         let permit = self
             .breaker
             .acquire(&endpoint)
-            .map_err(|r| Attempt::Retry {
+            .map_err(|r| Attempt::Deferred {
                 error: format!("{endpoint}: {r}"),
-                after: Some(r.retry_after),
+                after: r.retry_after,
             })?;
         let mut request = self.http.request(method, parsed).timeout(timeout);
         let has_type = headers.iter().any(|(k, _)| k == "content-type");
@@ -484,12 +486,26 @@ impl Runner {
             ),
         };
         // A refusal (4xx) means the endpoint is up: only what may pass with time counts
-        // against it.
-        if matches!(attempt, Attempt::Retry { .. }) {
-            permit.failure();
-        } else {
-            permit.success();
-        }
+        // against it. A failed half-open probe says the endpoint is still down, not that this
+        // event is at fault: it is deferred like the calls the open breaker refuses.
+        let attempt = match attempt {
+            Attempt::Retry { error, after } => {
+                let probe = permit.is_probe();
+                permit.failure();
+                if probe {
+                    Attempt::Deferred {
+                        error: format!("{error} (probe of an open circuit)"),
+                        after: after.unwrap_or(self.breaker.policy().open_duration()),
+                    }
+                } else {
+                    Attempt::Retry { error, after }
+                }
+            }
+            other => {
+                permit.success();
+                other
+            }
+        };
         Ok((attempt, answer))
     }
 
@@ -659,6 +675,7 @@ pub fn bulk_item(answer: &[u8], index: &str) -> Attempt {
         Attempt::GiveUp(error) => {
             Attempt::GiveUp(format!("_bulk item: {error}: {}", item_error(item)))
         }
+        deferred @ Attempt::Deferred { .. } => deferred,
     }
 }
 

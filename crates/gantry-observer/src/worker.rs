@@ -59,6 +59,10 @@ pub fn ack(job: &Job, attempt: Attempt) -> Ack {
             error,
             retry: false,
         },
+        Attempt::Deferred { error, after } => Outcome::Defer {
+            error,
+            after_ms: i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        },
     };
     Ack {
         job_id: job.id.clone(),

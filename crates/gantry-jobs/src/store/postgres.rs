@@ -1007,6 +1007,10 @@ async fn ack(
                 error: pg_text(error),
                 after_ms,
             },
+            Outcome::Defer { error, after_ms } => Outcome::Defer {
+                error: pg_text(error),
+                after_ms,
+            },
             success => success,
         };
         match machine::ack(job, a.attempt, outcome, now, rand::random::<f64>()) {

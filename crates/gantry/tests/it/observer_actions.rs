@@ -958,3 +958,76 @@ async fn a_100_kb_and_a_100_mb_event_are_delivered_whole() {
     stop(listener);
     shop.drop().await;
 }
+
+#[tokio::test]
+async fn search_down_then_back_catches_up_on_everything_it_missed() {
+    // A port with nothing on it yet: the search server is down.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let shop = Shop::new("search", |table| {
+        format!(
+            "[circuit_breaker]\nconsecutive_failures = 3\nopen_duration = \"1s\"\n\
+             [[observers]]\nname = \"idx\"\nentity = \"{table}\"\n\
+             retry = {{ max_attempts = 4, initial_delay = \"100ms\", max_delay = \"300ms\" }}\n\
+             [[observers.actions]]\ntype = \"search\"\nurl = \"http://127.0.0.1:{port}\"\n\
+             index = \"orders\"\nrollover = \"none\"\n"
+        )
+    })
+    .await;
+    let listener = shop.listen();
+    exec(&format!(
+        "INSERT INTO {} SELECT g, 'x@example.com', g FROM generate_series(1, 20) g",
+        shop.table
+    ))
+    .await;
+    // The attempts fail while it is down, and wait in backoff.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = shop.jobs().await;
+        // Three failures open the breaker; from then on the attempts are deferred without
+        // counting (failed probes too), so 4 attempts are enough to outlast any outage.
+        assert!(
+            jobs.iter().all(|(_, status, _)| status != "DEAD"),
+            "{jobs:?}"
+        );
+        if jobs.len() == 20 && jobs.iter().map(|(_, _, a)| *a).max() >= Some(8) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{jobs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It comes back on the same address: every document arrives, once.
+    let std_listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let receiver = Receiver::default();
+    receiver.hook_status.store(200, Ordering::SeqCst);
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(receiver.clone());
+    let tokio_listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+    tokio::spawn(async move { axum::serve(tokio_listener, app).await });
+    let bulk = receiver.wait("/_bulk", 20).await;
+    let mut ids: Vec<String> = bulk
+        .iter()
+        .map(|g| {
+            let action: Value =
+                serde_json::from_slice(g.body.split(|b| *b == b'\n').next().unwrap()).unwrap();
+            assert_eq!(action["index"]["_index"], "orders");
+            action["index"]["_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !shop.jobs().await.iter().all(|(_, s, _)| s == "SUCCESS") {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(receiver.on("/_bulk").len(), 20);
+    stop(listener);
+    shop.drop().await;
+}
