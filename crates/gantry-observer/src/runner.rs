@@ -261,6 +261,14 @@ impl Runner {
         self.redis.get(url).map(|r| !r.is_down())
     }
 
+    /// Whether the worker should hand this action's jobs over together ([`Runner::run_many`]):
+    /// `search` actions, whose events go out in one `_bulk` request.
+    pub fn batches(&self, job_name: &str) -> bool {
+        self.actions
+            .get(job_name)
+            .is_some_and(|p| matches!(p.config, ActionConfig::Search(_)))
+    }
+
     /// Runs one attempt of `job_name` on the event in `args`, within the action's timeout.
     ///
     /// With `[redis] url` set (and `dedup` on), a delivered action's result is recorded in
@@ -269,35 +277,62 @@ impl Runner {
     /// another, before an ack was lost — and it is not repeated. Redis down, the attempt goes
     /// on without the lookup: the jobs store (a SUCCESS job is never run again) is the ledger.
     pub async fn run(&self, job_name: &str, args: &[u8]) -> Attempt {
+        self.run_many(job_name, &[args])
+            .await
+            .pop()
+            .unwrap_or_else(|| Attempt::retry("no outcome"))
+    }
+
+    /// Runs one attempt of `job_name` for each event in `args` — for a `search` action, one
+    /// `_bulk` request for all of them — and returns each one's outcome, in order.
+    pub async fn run_many(&self, job_name: &str, args: &[&[u8]]) -> Vec<Attempt> {
         let Some(p) = self.actions.get(job_name) else {
-            return Attempt::GiveUp(format!("{job_name}: no such action in the config"));
+            let why = format!("{job_name}: no such action in the config");
+            return args.iter().map(|_| Attempt::GiveUp(why.clone())).collect();
         };
-        let event = match JobEvent::from_args(args) {
-            Ok(e) => e,
-            Err(e) => return Attempt::GiveUp(e),
-        };
-        let labels = [p.observer.as_str(), p.name.as_str()];
-        let record = self.dedup.as_ref().and_then(|(url, ttl)| {
-            Some((
-                self.redis.get(url)?,
-                *ttl,
-                format!("{}:done:{job_name}:{}", self.redis_prefix, event.key()),
-            ))
-        });
-        if let Some((redis, _, key)) = &record {
+        let mut out: Vec<Option<Attempt>> = vec![None; args.len()];
+        let mut events: Vec<(usize, JobEvent)> = Vec::with_capacity(args.len());
+        for (i, a) in args.iter().enumerate() {
+            match JobEvent::from_args(a) {
+                Ok(e) => events.push((i, e)),
+                Err(e) => out[i] = Some(Attempt::GiveUp(e)),
+            }
+        }
+        let record = self
+            .dedup
+            .as_ref()
+            .and_then(|(url, ttl)| Some((self.redis.get(url)?, *ttl)));
+        let key = |e: &JobEvent| format!("{}:done:{job_name}:{}", self.redis_prefix, e.key());
+        if let Some((redis, _)) = record
+            && !events.is_empty()
+        {
+            let mut mget = redis::cmd("MGET");
+            for (_, e) in &events {
+                mget.arg(key(e));
+            }
             match redis
-                .query::<Option<String>>(redis::cmd("GET").arg(key), REDIS_TIMEOUT)
+                .query::<Vec<Option<String>>>(&mget, REDIS_TIMEOUT)
                 .await
             {
-                Ok(Some(recorded)) => {
-                    self.metrics.dedup.with_label_values(&["hit"]).inc();
+                Ok(found) => {
                     self.metrics.redis_up.set(1);
-                    let result = serde_json::from_str(&recorded).unwrap_or(Value::Null);
-                    return Attempt::Done(json!({ "deduplicated": true, "result": result }));
-                }
-                Ok(None) => {
-                    self.metrics.dedup.with_label_values(&["miss"]).inc();
-                    self.metrics.redis_up.set(1);
+                    let mut left = Vec::with_capacity(events.len());
+                    for ((i, e), recorded) in events.into_iter().zip(found) {
+                        match recorded {
+                            Some(recorded) => {
+                                self.metrics.dedup.with_label_values(&["hit"]).inc();
+                                let result = serde_json::from_str(&recorded).unwrap_or(Value::Null);
+                                out[i] = Some(Attempt::Done(
+                                    json!({ "deduplicated": true, "result": result }),
+                                ));
+                            }
+                            None => {
+                                self.metrics.dedup.with_label_values(&["miss"]).inc();
+                                left.push((i, e));
+                            }
+                        }
+                    }
+                    events = left;
                 }
                 Err(_) => self.metrics.redis_up.set(0),
             }
@@ -306,51 +341,69 @@ impl Runner {
         // Each call bounds itself by the action's timeout (so a timeout is reported, to the
         // breaker too); this is the backstop.
         let backstop = p.timeout + Duration::from_secs(1);
-        let attempt = match tokio::time::timeout(backstop, self.attempt(p, &event)).await {
-            Ok(attempt) => attempt,
-            Err(_) => Attempt::retry(format!(
-                "timed out after {}",
-                humantime::format_duration(p.timeout)
-            )),
-        };
-        self.metrics
-            .action_seconds
-            .with_label_values(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        let outcome = match &attempt {
-            Attempt::Done(result) => {
-                let now_ms = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                #[allow(clippy::cast_precision_loss)]
-                self.metrics
-                    .delivery_seconds
-                    .observe((now_ms - event.changed_at_ms).max(0) as f64 / 1000.0);
-                if let Some((redis, ttl, key)) = &record {
-                    let set = redis
-                        .query::<Option<String>>(
-                            redis::cmd("SET")
-                                .arg(key)
-                                .arg(result.to_string())
-                                .arg("NX")
-                                .arg("EX")
-                                .arg(ttl.as_secs().max(1)),
-                            REDIS_TIMEOUT,
-                        )
-                        .await;
-                    self.metrics.redis_up.set(i64::from(set.is_ok()));
+        let only: Vec<JobEvent> = events.iter().map(|(_, e)| e.clone()).collect();
+        let attempts = tokio::time::timeout(backstop, async {
+            match &p.config {
+                ActionConfig::Search(s) => self.search(p, s, &only).await,
+                _ => {
+                    let mut attempts = Vec::with_capacity(only.len());
+                    for e in &only {
+                        attempts.push(self.attempt(p, e).await);
+                    }
+                    attempts
                 }
-                "delivered"
             }
-            Attempt::Retry { .. } => "failed",
-            Attempt::GiveUp(_) => "dead_lettered",
-            Attempt::Deferred { .. } => "deferred",
-        };
-        self.metrics
-            .actions
-            .with_label_values(&[labels[0], labels[1], outcome])
-            .inc();
-        attempt
+        })
+        .await
+        .unwrap_or_else(|_| {
+            let why = format!("timed out after {}", humantime::format_duration(p.timeout));
+            only.iter().map(|_| Attempt::retry(why.clone())).collect()
+        });
+        let labels = [p.observer.as_str(), p.name.as_str()];
+        let elapsed = started.elapsed().as_secs_f64();
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        for ((i, event), attempt) in events.iter().zip(attempts) {
+            self.metrics
+                .action_seconds
+                .with_label_values(&labels)
+                .observe(elapsed);
+            let outcome = match &attempt {
+                Attempt::Done(result) => {
+                    #[allow(clippy::cast_precision_loss)]
+                    self.metrics
+                        .delivery_seconds
+                        .observe((now_ms - event.changed_at_ms).max(0) as f64 / 1000.0);
+                    if let Some((redis, ttl)) = record {
+                        let set = redis
+                            .query::<Option<String>>(
+                                redis::cmd("SET")
+                                    .arg(key(event))
+                                    .arg(result.to_string())
+                                    .arg("NX")
+                                    .arg("EX")
+                                    .arg(ttl.as_secs().max(1)),
+                                REDIS_TIMEOUT,
+                            )
+                            .await;
+                        self.metrics.redis_up.set(i64::from(set.is_ok()));
+                    }
+                    "delivered"
+                }
+                Attempt::Retry { .. } => "failed",
+                Attempt::GiveUp(_) => "dead_lettered",
+                Attempt::Deferred { .. } => "deferred",
+            };
+            self.metrics
+                .actions
+                .with_label_values(&[labels[0], labels[1], outcome])
+                .inc();
+            out[*i] = Some(attempt);
+        }
+        out.into_iter()
+            .map(|a| a.unwrap_or_else(|| Attempt::retry("no outcome")))
+            .collect()
     }
 
     async fn attempt(&self, p: &Prepared, event: &JobEvent) -> Attempt {
@@ -372,7 +425,11 @@ impl Runner {
                 Err(a) => Err(a),
             },
             ActionConfig::Email(e) => self.email(p, e, render).await,
-            ActionConfig::Search(s) => self.search(p, s, event).await,
+            ActionConfig::Search(s) => Ok(self
+                .search(p, s, std::slice::from_ref(event))
+                .await
+                .pop()
+                .unwrap_or_else(|| Attempt::retry("no outcome"))),
             ActionConfig::Cache(c) => self.cache(p, c, render).await,
         };
         result.unwrap_or_else(|a| a)
@@ -543,27 +600,38 @@ impl Runner {
         })
     }
 
-    async fn search(
-        &self,
-        p: &Prepared,
-        s: &SearchConfig,
-        event: &JobEvent,
-    ) -> Result<Attempt, Attempt> {
-        let index = index_name(s, event.changed_at_ms);
-        let mut body = json!({ "index": { "_index": index, "_id": event.key() } }).to_string();
-        body.push('\n');
-        body.push_str(&event.document(&p.observer).to_string());
-        body.push('\n');
+    /// Indexes `events` in one `_bulk` request; each gets its item's outcome.
+    async fn search(&self, p: &Prepared, s: &SearchConfig, events: &[JobEvent]) -> Vec<Attempt> {
+        if events.is_empty() {
+            return Vec::new();
+        }
+        let mut body = String::new();
+        let mut indices = Vec::with_capacity(events.len());
+        for event in events {
+            let index = index_name(s, event.changed_at_ms);
+            body.push_str(&json!({ "index": { "_index": index, "_id": event.key() } }).to_string());
+            body.push('\n');
+            body.push_str(&event.document(&p.observer).to_string());
+            body.push('\n');
+            indices.push(index);
+        }
         let url = format!("{}/_bulk", s.url.trim_end_matches('/'));
         let headers = vec![("content-type".to_owned(), "application/x-ndjson".to_owned())];
-        let (attempt, answer) = self
+        let (attempt, answer) = match self
             .http_call(&url, reqwest::Method::POST, headers, body, p.timeout)
-            .await?;
+            .await
+        {
+            Ok(done) => done,
+            Err(refused) => return events.iter().map(|_| refused.clone()).collect(),
+        };
         if !matches!(attempt, Attempt::Done(_)) {
-            return Ok(attempt);
+            return events.iter().map(|_| attempt.clone()).collect();
         }
-        let answer = bulk_item(&answer, &index);
-        if let (Attempt::Done(_), Some(retention)) = (&answer, s.retention) {
+        let answers = bulk_items(&answer, &indices);
+        if let (true, Some(retention)) = (
+            answers.iter().any(|a| matches!(a, Attempt::Done(_))),
+            s.retention,
+        ) {
             let due = {
                 let mut at = p.retention_at.lock().unwrap_or_else(|e| e.into_inner());
                 let due = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
@@ -576,7 +644,7 @@ impl Runner {
                 tracing::warn!(action = %p.name, error = %e, "search retention failed");
             }
         }
-        Ok(answer)
+        answers
     }
 
     async fn apply_retention(&self, s: &SearchConfig, retention: Duration) -> Result<u64, String> {
@@ -645,18 +713,29 @@ impl Runner {
     }
 }
 
-/// What a one-item `_bulk` answer says about its item: `_bulk` answers 200 whatever became of
-/// the items, each with its own status (and `error`).
-pub fn bulk_item(answer: &[u8], index: &str) -> Attempt {
+/// What a `_bulk` answer says about each of its items (sent to `indices`): `_bulk` answers 200
+/// whatever became of the items, each with its own status (and `error`).
+pub fn bulk_items(answer: &[u8], indices: &[String]) -> Vec<Attempt> {
     let Ok(answer) = serde_json::from_slice::<Value>(answer) else {
-        return Attempt::retry("_bulk: the answer is not JSON");
+        return indices
+            .iter()
+            .map(|_| Attempt::retry("_bulk: the answer is not JSON"))
+            .collect();
     };
+    indices
+        .iter()
+        .enumerate()
+        .map(|(i, index)| bulk_item(&answer, i, index))
+        .collect()
+}
+
+fn bulk_item(answer: &Value, i: usize, index: &str) -> Attempt {
     let Some(item) = answer
         .get("items")
-        .and_then(|items| items.get(0))
+        .and_then(|items| items.get(i))
         .and_then(|item| item.get("index"))
     else {
-        return Attempt::retry("_bulk: the answer has no item");
+        return Attempt::retry(format!("_bulk: the answer has no item {i}"));
     };
     let status = item
         .get("status")
@@ -759,19 +838,26 @@ mod tests {
 
     #[test]
     fn bulk_items_are_read_one_by_one() {
+        let one = |answer: &[u8]| bulk_items(answer, &["i".to_owned()]).remove(0);
         let ok = br#"{"took":1,"errors":false,"items":[{"index":{"_index":"i","_id":"1","status":201,"result":"created"}}]}"#;
-        assert!(matches!(bulk_item(ok, "i"), Attempt::Done(_)));
+        assert!(matches!(one(ok), Attempt::Done(_)));
         let bad = br#"{"errors":true,"items":[{"index":{"status":400,"error":{"type":"mapper_parsing_exception","reason":"failed to parse field [total]"}}}]}"#;
         assert_eq!(
-            bulk_item(bad, "i"),
+            one(bad),
             Attempt::GiveUp(
                 "_bulk item: HTTP 400: mapper_parsing_exception: failed to parse field [total]"
                     .into()
             )
         );
         let busy = br#"{"errors":true,"items":[{"index":{"status":429,"error":{"type":"es_rejected_execution_exception","reason":"queue full"}}}]}"#;
-        assert!(matches!(bulk_item(busy, "i"), Attempt::Retry { .. }));
-        assert!(matches!(bulk_item(b"<html>", "i"), Attempt::Retry { .. }));
+        assert!(matches!(one(busy), Attempt::Retry { .. }));
+        assert!(matches!(one(b"<html>"), Attempt::Retry { .. }));
+        // Items of one request, each with its own outcome; a missing one is retried.
+        let mixed = br#"{"errors":true,"items":[{"index":{"status":201}},{"index":{"status":400,"error":{"type":"x","reason":"y"}}}]}"#;
+        let three = bulk_items(mixed, &["a".into(), "b".into(), "c".into()]);
+        assert!(matches!(three[0], Attempt::Done(_)));
+        assert!(matches!(three[1], Attempt::GiveUp(_)));
+        assert!(matches!(three[2], Attempt::Retry { .. }));
     }
 
     #[test]

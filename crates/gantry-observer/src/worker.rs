@@ -6,7 +6,8 @@
 //! `FOR UPDATE SKIP LOCKED` claim spreads the jobs and never hands one to two workers at once.
 //! An attempt's lease is its action's timeout plus a grace, so a worker that dies mid-attempt
 //! loses it to the next lease check (any worker runs one every second) and the job is retried
-//! after backoff. Acks are batched: one transaction for whatever finished meanwhile.
+//! after backoff. Acks are batched: one transaction for whatever finished meanwhile. The jobs
+//! of a `search` action claimed together go out as one `_bulk` request.
 //!
 //! Delivery is at least once: a worker that delivers and dies before its ack commits leaves the
 //! job to be run again, with the same `Idempotency-Key`.
@@ -136,19 +137,39 @@ pub async fn run(
             }
         };
         let got = claimed.len();
+        // Jobs of an action that batches (search: one `_bulk`) run together; others alone.
+        let mut groups: Vec<Vec<Job>> = Vec::new();
+        let mut batched: std::collections::HashMap<String, usize> = Default::default();
         for job in claimed {
-            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            if runner.batches(&job.name) {
+                match batched.get(&job.name) {
+                    Some(&g) => groups[g].push(job),
+                    None => {
+                        batched.insert(job.name.clone(), groups.len());
+                        groups.push(vec![job]);
+                    }
+                }
+            } else {
+                groups.push(vec![job]);
+            }
+        }
+        for group in groups {
+            let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
+            let Ok(permit) = Arc::clone(&slots).try_acquire_many_owned(n) else {
                 break;
             };
             let runner = Arc::clone(&runner);
             let acks = acks.clone();
             tokio::spawn(async move {
-                let attempt = runner.run(&job.name, &job.args).await;
-                if let Attempt::GiveUp(error) = &attempt {
-                    tracing::warn!(job = %job.id, name = %job.name, %error, "action failed for good: to the dead-letter queue");
+                let args: Vec<&[u8]> = group.iter().map(|j| j.args.as_slice()).collect();
+                let attempts = runner.run_many(&group[0].name, &args).await;
+                for (job, attempt) in group.iter().zip(attempts) {
+                    if let Attempt::GiveUp(error) = &attempt {
+                        tracing::warn!(job = %job.id, name = %job.name, %error, "action failed for good: to the dead-letter queue");
+                    }
+                    // The worker waits for every slot before it stops, so the acker is there.
+                    let _ = acks.send(ack(job, attempt)).await;
                 }
-                // The worker waits for every slot before it stops, so the acker is there.
-                let _ = acks.send(ack(&job, attempt)).await;
                 drop(permit);
             });
         }

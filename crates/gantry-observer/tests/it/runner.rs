@@ -163,3 +163,57 @@ async fn a_failing_endpoint_opens_its_breaker_while_others_keep_flowing() {
     }
     assert_eq!(healthy_hits[0].load(Ordering::SeqCst), 5);
 }
+
+#[tokio::test]
+async fn search_events_run_together_go_out_in_one_bulk_request_each_with_its_item_status() {
+    // A search server whose `_bulk` refuses documents whose `data.id` is 2.
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let requests = Arc::clone(&counted);
+        async move {
+            requests.fetch_add(1, Ordering::SeqCst);
+            let lines: Vec<serde_json::Value> = body
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap())
+                .collect();
+            let items: Vec<serde_json::Value> = lines
+                .chunks(2)
+                .map(|pair| {
+                    if pair[1]["data"]["id"] == 2 {
+                        serde_json::json!({"index": {"status": 400, "error": {"type": "mapper_parsing_exception", "reason": "bad"}}})
+                    } else {
+                        serde_json::json!({"index": {"_id": pair[0]["index"]["_id"], "status": 201, "result": "created"}})
+                    }
+                })
+                .collect();
+            axum::Json(serde_json::json!({"errors": true, "items": items}))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = ObserverConfig::parse(
+        &format!(
+            "[[observers]]\nname = \"s\"\nentity = \"orders\"\n\
+             [[observers.actions]]\ntype = \"search\"\nurl = \"http://{addr}\"\nindex = \"orders\"\n"
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let runner = Runner::new(&config, ObserverMetrics::new().unwrap()).unwrap();
+    assert!(runner.batches("observer:s:search"));
+    let (a, b, c) = (event(1), event(2), event(3));
+    let attempts = runner
+        .run_many("observer:s:search", &[&a, b"not an event", &b, &c])
+        .await;
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    assert!(matches!(attempts[0], Attempt::Done(_)), "{attempts:?}");
+    assert!(matches!(attempts[1], Attempt::GiveUp(_)), "{attempts:?}");
+    assert!(
+        matches!(&attempts[2], Attempt::GiveUp(e) if e.contains("mapper_parsing_exception")),
+        "{attempts:?}"
+    );
+    assert!(matches!(attempts[3], Attempt::Done(_)), "{attempts:?}");
+}
