@@ -90,6 +90,9 @@ pub enum ObserverCommand {
         /// The PostgreSQL schema holding the observer's tables.
         #[arg(long, value_name = "NAME", default_value = DEFAULT_SCHEMA)]
         schema: String,
+        /// The jobs store's schema in the same database (its action jobs are counted).
+        #[arg(long, value_name = "NAME", default_value = "gantry_jobs")]
+        jobs_schema: String,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -223,8 +226,9 @@ pub async fn run(command: ObserverCommand) -> u8 {
         ObserverCommand::Status {
             database,
             schema,
+            jobs_schema,
             json,
-        } => status(&database, &schema, json).await,
+        } => status(&database, &schema, &jobs_schema, json).await,
         ObserverCommand::Dlq { target, command } => crate::observer_dlq::run(target, command).await,
         ObserverCommand::DebugEvent {
             id,
@@ -404,7 +408,50 @@ async fn run_listener(
     result.map_err(db_failure)
 }
 
-async fn status(url: &str, schema: &str, json: bool) -> Result<(), Failure> {
+/// Action jobs by name and status (`[(name, [pending, running, succeeded, dead])]`), if the
+/// jobs store is there.
+async fn action_counts(
+    client: &Client,
+    url: &str,
+    jobs_schema: &str,
+) -> Result<Vec<(String, [u64; 4])>, Failure> {
+    use gantry_jobs::model::Status;
+    let there: bool = client
+        .query_one(
+            "SELECT to_regclass(format('%I.jobs', $1::text)) IS NOT NULL",
+            &[&jobs_schema],
+        )
+        .await
+        .map_err(|e| failure(exit::ERROR, e.to_string()))?
+        .get(0);
+    if !there {
+        return Ok(Vec::new());
+    }
+    let store = gantry_jobs::store::postgres::PostgresStore::connect(url, jobs_schema)
+        .await
+        .map_err(|e| failure(exit::CANNOT_CONNECT, format!("jobs store: {e}")))?;
+    let mut counts: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
+    for (i, status) in [
+        Status::Pending,
+        Status::Running,
+        Status::Success,
+        Status::Dead,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (name, n) in store
+            .count_by_name("observer", status)
+            .await
+            .map_err(|e| failure(exit::ERROR, format!("jobs store: {e}")))?
+        {
+            counts.entry(name).or_default()[i] = n;
+        }
+    }
+    Ok(counts.into_iter().collect())
+}
+
+async fn status(url: &str, schema: &str, jobs_schema: &str, json: bool) -> Result<(), Failure> {
     let client = connect(url).await?;
     let Some(st) = gantry_observer::capture::status(&client, schema)
         .await
@@ -415,7 +462,20 @@ async fn status(url: &str, schema: &str, json: bool) -> Result<(), Failure> {
             format!("schema {schema} is not installed (gantry observer install)"),
         ));
     };
+    let actions = action_counts(&client, url, jobs_schema).await?;
     if json {
+        let actions: Vec<_> = actions
+            .iter()
+            .map(|(name, [pending, running, succeeded, dead])| {
+                serde_json::json!({
+                    "job": name,
+                    "pending": pending,
+                    "running": running,
+                    "succeeded": succeeded,
+                    "dead": dead,
+                })
+            })
+            .collect();
         let sets: Vec<_> = st
             .sets
             .iter()
@@ -439,6 +499,7 @@ async fn status(url: &str, schema: &str, json: bool) -> Result<(), Failure> {
                 "changes": st.changes,
                 "watched": st.watched,
                 "observer_sets": sets,
+                "actions": actions,
             })
         );
     } else {
@@ -466,6 +527,15 @@ async fn status(url: &str, schema: &str, json: bool) -> Result<(), Failure> {
                     s.pending,
                     s.lag_ms as f64 / 1000.0
                 );
+            }
+        }
+        if !actions.is_empty() {
+            println!(
+                "{:<40} {:>9} {:>9} {:>10} {:>7}",
+                "ACTION JOB", "PENDING", "RUNNING", "SUCCEEDED", "DEAD"
+            );
+            for (name, [pending, running, succeeded, dead]) in &actions {
+                println!("{name:<40} {pending:>9} {running:>9} {succeeded:>10} {dead:>7}");
             }
         }
     }

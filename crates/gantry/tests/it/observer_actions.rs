@@ -590,6 +590,24 @@ async fn a_refused_webhook_lands_in_the_dlq_and_dlq_retry_delivers_it() {
         assert_eq!(item["attempts"], 1);
         assert_eq!(item["error"], "HTTP 422");
     }
+    // `status` counts the action jobs by status.
+    let url = database_url();
+    let out = observer(&[
+        "status",
+        "--database",
+        &url,
+        "--schema",
+        &shop.schema,
+        "--jobs-schema",
+        &shop.jobs_schema,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["actions"],
+        json!([{"job": "observer:paid:webhook", "pending": 0, "running": 0, "succeeded": 0, "dead": 2}])
+    );
     let (code, stats, _) = shop.dlq(&["stats"]);
     assert_eq!(code, Some(0));
     assert_eq!(
