@@ -263,7 +263,20 @@ pub(super) async fn worker(
                         next = if acks.len() < MAX_ACK_BATCH { ack_rx.try_recv().ok() } else { None };
                     }
                     // A broken stream shows on the inbound side; these are resent after it.
-                    let _ = tx.send(msg(v1::work_request::Msg::Acks(v1::AckBatch { acks }))).await;
+                    // A stream that takes nothing must not keep the worker from seeing a stop.
+                    let mut send =
+                        std::pin::pin!(tx.send(msg(v1::work_request::Msg::Acks(v1::AckBatch { acks }))));
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = &mut send => break,
+                            () = sleep_until_opt(stopping) => break 'connect,
+                            () = stop.cancelled(), if stopping.is_none() => {
+                                abort.fire(ctx.clock.now());
+                                stopping = Some(Instant::now() + ctx.patience);
+                            }
+                        }
+                    }
                 }
                 message = inbound.message() => match message {
                     Ok(Some(v1::WorkResponse { msg: Some(m) })) => match m {
