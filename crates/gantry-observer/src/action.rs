@@ -319,6 +319,8 @@ fn check_url(key: &str, url: &str) -> Result<(), String> {
 #[derive(Debug)]
 pub struct Templates {
     env: Environment<'static>,
+    /// Sources with no template syntax: used as they are, without a context.
+    fixed: std::collections::HashMap<String, String>,
 }
 
 impl Default for Templates {
@@ -327,13 +329,20 @@ impl Default for Templates {
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         // Nothing is HTML here: never escape.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-        Self { env }
+        Self {
+            env,
+            fixed: std::collections::HashMap::new(),
+        }
     }
 }
 
 impl Templates {
     /// Compiles `source` under `name`.
     pub fn add(&mut self, name: String, source: &str) -> Result<(), String> {
+        if !["{{", "{%", "{#"].iter().any(|open| source.contains(open)) {
+            self.fixed.insert(name, source.to_owned());
+            return Ok(());
+        }
         self.env
             .add_template_owned(name, source.to_owned())
             .map_err(|e| template_error(&e))
@@ -341,11 +350,24 @@ impl Templates {
 
     /// Renders the template `name` over `context`.
     pub fn render(&self, name: &str, context: &minijinja::Value) -> Result<String, String> {
+        self.render_with(name, || context.clone())
+    }
+
+    /// Renders the template `name`, making its context only if it needs one (a source with
+    /// no template syntax does not: an event is not copied for it).
+    pub fn render_with(
+        &self,
+        name: &str,
+        context: impl FnOnce() -> minijinja::Value,
+    ) -> Result<String, String> {
+        if let Some(fixed) = self.fixed.get(name) {
+            return Ok(fixed.clone());
+        }
         let template = self
             .env
             .get_template(name)
             .map_err(|e| template_error(&e))?;
-        template.render(context).map_err(|e| template_error(&e))
+        template.render(context()).map_err(|e| template_error(&e))
     }
 }
 
@@ -407,18 +429,32 @@ impl JobEvent {
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
     }
 
-    /// The event as JSON, the default webhook body and the indexed document.
-    pub fn document(&self, observer: &str) -> Value {
-        json!({
-            "event_id": self.id,
-            "event_key": self.key(),
-            "observer": observer,
-            "entity": self.entity,
-            "op": self.op.as_str(),
-            "data": self.data(),
-            "before": self.before,
-            "@timestamp": self.changed_at(),
+    /// The event as JSON text: the default webhook body and the indexed document. Written
+    /// from the event's own images, without copying them.
+    pub fn document(&self, observer: &str) -> String {
+        #[derive(serde::Serialize)]
+        struct Document<'a> {
+            event_id: i64,
+            event_key: String,
+            observer: &'a str,
+            entity: &'a str,
+            op: &'static str,
+            data: &'a Value,
+            before: &'a Option<Value>,
+            #[serde(rename = "@timestamp")]
+            timestamp: String,
+        }
+        serde_json::to_string(&Document {
+            event_id: self.id,
+            event_key: self.key(),
+            observer,
+            entity: &self.entity,
+            op: self.op.as_str(),
+            data: self.data(),
+            before: &self.before,
+            timestamp: self.changed_at(),
         })
+        .unwrap_or_default()
     }
 
     /// What templates see.

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use gantry_jobs::model::{JobOptions, Millis, NewJob};
 use gantry_jobs::store::postgres::PostgresStore;
-use serde_json::json;
 
 use crate::Error;
 use crate::capture::{Capture, Event, Position};
@@ -109,16 +108,27 @@ impl Matcher {
 
     /// The jobs that run this observer's actions for `event`, one per action.
     pub fn jobs(&self, event: &Event, now: Millis) -> impl Iterator<Item = NewJob> {
-        let args = json!([{
-            "id": event.id,
-            "xid": event.xid,
-            "entity": event.entity,
-            "op": event.op.as_str(),
-            "before": event.before,
-            "after": event.after,
-            "changed_at_ms": event.changed_at_ms,
-        }]);
-        let args = serde_json::to_vec(&args).unwrap_or_default();
+        // Written from the event's own images, without copying them.
+        #[derive(serde::Serialize)]
+        struct Arg<'a> {
+            id: i64,
+            xid: u64,
+            entity: &'a str,
+            op: &'static str,
+            before: &'a Option<serde_json::Value>,
+            after: &'a Option<serde_json::Value>,
+            changed_at_ms: i64,
+        }
+        let args = serde_json::to_vec(&[Arg {
+            id: event.id,
+            xid: event.xid,
+            entity: &event.entity,
+            op: event.op.as_str(),
+            before: &event.before,
+            after: &event.after,
+            changed_at_ms: event.changed_at_ms,
+        }])
+        .unwrap_or_default();
         let key = format!("event:{}", event.key());
         self.actions.iter().map(move |(name, options)| NewJob {
             name: name.clone(),

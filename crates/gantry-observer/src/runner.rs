@@ -407,10 +407,15 @@ impl Runner {
     }
 
     async fn attempt(&self, p: &Prepared, event: &JobEvent) -> Attempt {
-        let context = event.context(&p.observer, &p.name);
+        // Made once, and only if a template needs it: it copies the event.
+        let context = std::sync::OnceLock::new();
         let render = |key: &str| {
             self.templates
-                .render(&template_name(&p.observer, &p.name, key), &context)
+                .render_with(&template_name(&p.observer, &p.name, key), || {
+                    context
+                        .get_or_init(|| event.context(&p.observer, &p.name))
+                        .clone()
+                })
                 .map_err(|e| Attempt::GiveUp(format!("template {key}: {e}")))
         };
         let result = match &p.config {
@@ -445,7 +450,7 @@ impl Runner {
         let url = render("url")?;
         let body = match &w.body {
             Some(_) => render("body")?,
-            None => event.document(&p.observer).to_string(),
+            None => event.document(&p.observer),
         };
         let timestamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -611,7 +616,7 @@ impl Runner {
             let index = index_name(s, event.changed_at_ms);
             body.push_str(&json!({ "index": { "_index": index, "_id": event.key() } }).to_string());
             body.push('\n');
-            body.push_str(&event.document(&p.observer).to_string());
+            body.push_str(&event.document(&p.observer));
             body.push('\n');
             indices.push(index);
         }
