@@ -333,6 +333,34 @@ pub struct LogStatus {
     pub watched: Vec<String>,
     /// Every observer set's checkpoint.
     pub sets: Vec<SetStatus>,
+    /// The circuit breakers running processes reported in the last 30 s, not closed:
+    /// (process, endpoint, state).
+    pub breakers: Vec<(String, String, String)>,
+}
+
+/// Replaces what `process` reported of its circuit breakers with `states` (endpoint, state).
+pub async fn report_breakers(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+    process: &str,
+    states: &[(String, String)],
+) -> Result<(), Error> {
+    let s = ident(schema);
+    let tx = client.transaction().await?;
+    tx.execute(
+        &format!("DELETE FROM {s}.breakers WHERE process = $1"),
+        &[&process],
+    )
+    .await?;
+    for (endpoint, state) in states {
+        tx.execute(
+            &format!("INSERT INTO {s}.breakers (process, endpoint, state) VALUES ($1, $2, $3)"),
+            &[&process, endpoint, state],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Reads the state of the change log in `schema`; `None` when it is not installed.
@@ -412,9 +440,23 @@ pub async fn status(client: &impl GenericClient, schema: &str) -> Result<Option<
             updated_at_ms: r.get(5),
         });
     }
+    let breakers = client
+        .query(
+            &format!(
+                "SELECT process, endpoint, state FROM {s}.breakers
+                 WHERE state <> 'closed' AND updated_at > now() - interval '30 seconds'
+                 ORDER BY endpoint, process"
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     Ok(Some(LogStatus {
         changes,
         watched,
         sets,
+        breakers,
     }))
 }

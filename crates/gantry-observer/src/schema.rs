@@ -28,7 +28,8 @@ use crate::{Error, ident};
 pub const DEFAULT_SCHEMA: &str = "gantry_observer";
 
 /// Versioned table migrations; `{s}` is the quoted schema.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE {s}.changes (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     xid        xid8        NOT NULL DEFAULT pg_current_xact_id(),
@@ -47,7 +48,17 @@ CREATE TABLE {s}.checkpoints (
     epoch        bigint      NOT NULL,
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
-"#];
+"#,
+    r#"
+CREATE TABLE {s}.breakers (
+    process    text        NOT NULL,
+    endpoint   text        NOT NULL,
+    state      text        NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (process, endpoint)
+);
+"#,
+];
 
 /// What [`install`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -288,6 +288,47 @@ async fn install(url: &str, config: &Path, schema: &str, json: bool) -> Result<(
     Ok(())
 }
 
+/// Every 5 s, writes this process's circuit breakers where `status` reads them; clears them
+/// at the end.
+async fn report_breakers(
+    url: String,
+    schema: String,
+    process: String,
+    runner: std::sync::Arc<gantry_observer::runner::Runner>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut client = None;
+    loop {
+        let stopping = stop.is_cancelled();
+        let states: Vec<(String, String)> = if stopping {
+            Vec::new()
+        } else {
+            runner
+                .breakers()
+                .into_iter()
+                .map(|(endpoint, state)| (endpoint, state.as_str().to_owned()))
+                .collect()
+        };
+        if client.is_none() {
+            client = connect(&url).await.ok();
+        }
+        if let Some(c) = client.as_mut()
+            && let Err(e) =
+                gantry_observer::capture::report_breakers(c, &schema, &process, &states).await
+        {
+            tracing::debug!(error = %e, "cannot report circuit breakers");
+            client = None;
+        }
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
+}
+
 async fn run_listener(
     options: gantry_observer::listener::ListenerOptions,
     config: &Path,
@@ -373,12 +414,20 @@ async fn run_listener(
         })
     };
     // Every listener works, leader or standby: the store spreads the action jobs.
+    let process = format!("observer-{}", std::process::id());
+    let breakers = tokio::spawn(report_breakers(
+        options.database.clone(),
+        options.schema.clone(),
+        process.clone(),
+        std::sync::Arc::clone(&runner),
+        stop.clone(),
+    ));
     let wake = std::sync::Arc::new(tokio::sync::Notify::new());
     let worker = tokio::spawn(gantry_observer::worker::run(
         store,
         runner,
         gantry_observer::worker::WorkerOptions {
-            worker_id: format!("observer-{}", std::process::id()),
+            worker_id: process,
             concurrency,
             poll: options.poll.max(std::time::Duration::from_millis(50)),
         },
@@ -401,6 +450,7 @@ async fn run_listener(
     // The listener ends on stop or on an error; either way the worker drains and stops.
     stop.cancel();
     let _ = worker.await;
+    let _ = breakers.await;
     if let Some(admin) = admin {
         let _ = admin.await;
     }
@@ -500,6 +550,9 @@ async fn status(url: &str, schema: &str, jobs_schema: &str, json: bool) -> Resul
                 "watched": st.watched,
                 "observer_sets": sets,
                 "actions": actions,
+                "breakers": st.breakers.iter().map(|(process, endpoint, state)| {
+                    serde_json::json!({ "process": process, "endpoint": endpoint, "state": state })
+                }).collect::<Vec<_>>(),
             })
         );
     } else {
@@ -537,6 +590,9 @@ async fn status(url: &str, schema: &str, jobs_schema: &str, json: bool) -> Resul
             for (name, [pending, running, succeeded, dead]) in &actions {
                 println!("{name:<40} {pending:>9} {running:>9} {succeeded:>10} {dead:>7}");
             }
+        }
+        for (process, endpoint, state) in &st.breakers {
+            println!("circuit {state} for {endpoint} (in {process})");
         }
     }
     Ok(())

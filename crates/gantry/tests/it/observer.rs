@@ -58,7 +58,7 @@ async fn install_captures_changes_and_uninstall_removes_everything() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let first: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(first["watched"], serde_json::json!([table]));
-    assert_eq!(first["migrations_applied"], 1);
+    assert_eq!(first["migrations_applied"], 2);
     // Again: nothing to migrate, same triggers.
     let out = observer(&args);
     assert_eq!(out.status.code(), Some(0), "{out:?}");

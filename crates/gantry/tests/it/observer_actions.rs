@@ -1024,6 +1024,31 @@ async fn search_down_then_back_catches_up_on_everything_it_missed() {
         assert!(Instant::now() < deadline, "{jobs:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // `status` shows the endpoint's breaker, as the running process reported it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let url = database_url();
+        let out = observer(&[
+            "status",
+            "--database",
+            &url,
+            "--schema",
+            &shop.schema,
+            "--jobs-schema",
+            &shop.jobs_schema,
+            "--json",
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        if v["breakers"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["endpoint"] == endpoint.as_str()))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // It comes back on the same address: every document arrives, once.
     let std_listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     std_listener.set_nonblocking(true).unwrap();
