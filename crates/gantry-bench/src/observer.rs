@@ -207,7 +207,7 @@ async fn write(
     batch: u32,
     every: Option<Duration>,
     until: Instant,
-) -> anyhow::Result<Vec<((i64, String), Instant)>> {
+) -> anyhow::Result<Commits> {
     let client = connect(&url).await?;
     let insert = client
         .prepare(&format!(
@@ -255,6 +255,30 @@ async fn write(
     Ok(commits)
 }
 
+type Commits = Vec<((i64, String), Instant)>;
+
+/// `--writers` writers into `table` until `until`, each committing every `every` (or as fast
+/// as it can).
+fn spawn_writers(
+    args: &ObserverBench,
+    table: &str,
+    every: Option<Duration>,
+    until: Instant,
+) -> tokio::task::JoinSet<anyhow::Result<Commits>> {
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..args.writers {
+        writers.spawn(write(
+            args.database.clone(),
+            table.to_owned(),
+            w,
+            args.batch,
+            every,
+            until,
+        ));
+    }
+    writers
+}
+
 #[allow(clippy::too_many_lines)]
 async fn measure(args: &ObserverBench, dir: &std::path::Path, tag: &str) -> anyhow::Result<Value> {
     let url = &args.database;
@@ -272,17 +296,7 @@ async fn measure(args: &ObserverBench, dir: &std::path::Path, tag: &str) -> anyh
         create_table(url, &table, &format!("gantry_obsbench_base_{tag}")).await?;
         let until = Instant::now() + args.baseline;
         let started = Instant::now();
-        let mut writers = tokio::task::JoinSet::new();
-        for w in 0..args.writers {
-            writers.spawn(write(
-                url.clone(),
-                table.clone(),
-                w,
-                args.batch,
-                None,
-                until,
-            ));
-        }
+        let mut writers = spawn_writers(args, &table, None, until);
         let mut rows = 0usize;
         while let Some(done) = writers.join_next().await {
             rows += done??.len();
@@ -413,17 +427,7 @@ async fn measure(args: &ObserverBench, dir: &std::path::Path, tag: &str) -> anyh
     // 5. The writers, and the leader's death halfway.
     let started = Instant::now();
     let until = started + args.duration;
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..args.writers {
-        writers.spawn(write(
-            url.clone(),
-            table.clone(),
-            w,
-            args.batch,
-            every,
-            until,
-        ));
-    }
+    let mut writers = spawn_writers(args, &table, every, until);
     let mut failover = None;
     if args.kill_leader {
         tokio::time::sleep(args.duration / 2).await;

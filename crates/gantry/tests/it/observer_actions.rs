@@ -231,10 +231,12 @@ impl Shop {
         shop
     }
 
-    fn listen(&self) -> Listener {
-        let listener = Listener::start(&[
+    /// A listener on this shop, with `extra` flags; not waited for.
+    fn start(&self, extra: &[&str]) -> Listener {
+        let url = database_url();
+        let mut args = vec![
             "--database",
-            &database_url(),
+            &url,
             "--config",
             self.config.to_str().unwrap(),
             "--schema",
@@ -243,7 +245,14 @@ impl Shop {
             &self.jobs_schema,
             "--poll",
             "50ms",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        Listener::start(&args)
+    }
+
+    /// A listener that leads.
+    fn listen(&self) -> Listener {
+        let listener = self.start(&[]);
         listener.wait_for("leader of observer set main");
         listener
     }
@@ -711,18 +720,7 @@ async fn two_thousand_events_across_a_leader_sigkill_each_arrive_with_one_idempo
     })
     .await;
     let mut a = shop.listen();
-    let b = Listener::start(&[
-        "--database",
-        &database_url(),
-        "--config",
-        shop.config.to_str().unwrap(),
-        "--schema",
-        &shop.schema,
-        "--jobs-schema",
-        &shop.jobs_schema,
-        "--poll",
-        "50ms",
-    ]);
+    let b = shop.start(&[]);
     b.wait_for("standby for observer set main");
     // 40 transactions of 50 orders, plus one small order each that matches nothing.
     let insert = |from: i64| {
@@ -849,20 +847,7 @@ async fn with_redis_stopped_mid_run_actions_keep_flowing_and_redis_is_used_again
         )
     })
     .await;
-    let listener = Listener::start(&[
-        "--database",
-        &database_url(),
-        "--config",
-        shop.config.to_str().unwrap(),
-        "--schema",
-        &shop.schema,
-        "--jobs-schema",
-        &shop.jobs_schema,
-        "--poll",
-        "50ms",
-        "--admin",
-        "127.0.0.1:0",
-    ]);
+    let listener = shop.start(&["--admin", "127.0.0.1:0"]);
     let admin = listener
         .wait_for("admin listening on ")
         .trim_start_matches("admin listening on ")
