@@ -13,8 +13,11 @@
 //!   before it is acted on) and the loop that runs them with concurrent pushes.
 //! - [`window`] (pure): maintenance windows (cron + duration + time zone).
 //! - [`simulator`]: N devices speaking the device protocol on their own loopback addresses.
+//! - [`ssh`]: SSH delivery to one device (OpenSSH's `scp` and `ssh`, key authentication, host
+//!   keys checked against a known_hosts file).
 //!
-//! Not built yet: SSH delivery, dynamic rollouts, the REST API and event stream, metrics.
+//! Not built yet: SSH delivery inside rollouts (only `gantry fleet push` uses it), dynamic
+//! rollouts, the REST API and event stream, metrics.
 
 pub mod artifact;
 pub mod delivery;
@@ -22,5 +25,6 @@ pub mod orchestrator;
 pub mod registry;
 pub mod rollout;
 pub mod simulator;
+pub mod ssh;
 pub mod waves;
 pub mod window;

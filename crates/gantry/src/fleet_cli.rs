@@ -383,6 +383,22 @@ pub struct PushArgs {
     /// How long the device has to report the new version and health.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
     gate_timeout: std::time::Duration,
+    /// SSH devices: the private key to log in with.
+    #[arg(long, value_name = "FILE")]
+    ssh_identity: Option<PathBuf>,
+    /// SSH devices: the known_hosts file their host key must be in (unknown keys are refused).
+    #[arg(long, value_name = "FILE")]
+    known_hosts: Option<PathBuf>,
+    /// SSH devices: run after the copy; {path}, {version}, {sha256}, {signature} and {device}
+    /// are replaced (shell-quoted).
+    #[arg(long, value_name = "COMMAND")]
+    install_command: Option<String>,
+    /// SSH devices: prints the version the device runs (the health gate); none: no gate.
+    #[arg(long, value_name = "COMMAND")]
+    version_command: Option<String>,
+    /// SSH devices: where the artifact is copied.
+    #[arg(long, value_name = "DIR", default_value = "/tmp")]
+    remote_dir: String,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -405,27 +421,47 @@ async fn push_inner(args: PushArgs) -> Result<(), Failure> {
             .ok_or_else(|| failure(exit::NOT_FOUND, format!("no artifact {}", args.artifact)))?;
         (device, artifact)
     };
-    if device.delivery != Delivery::Http {
-        return Err(failure(
-            exit::INVALID,
-            format!(
-                "device {} is delivered over ssh, which is not built yet",
-                device.id
-            ),
-        ));
-    }
     let retry = gantry_runtime::retry::RetryPolicy::builder()
         .max_attempts(args.attempts.max(1))
         .initial_delay(args.retry_delay)
         .build()
         .map_err(|e| failure(exit::INVALID, e.to_string()))?;
-    let options = PushOptions {
-        request_timeout: args.timeout,
-        retry,
-        gate_timeout: args.gate_timeout,
-        ..PushOptions::default()
+    let outcome = if device.delivery == Delivery::Ssh {
+        let (Some(identity), Some(known_hosts), Some(install_command)) = (
+            args.ssh_identity.clone(),
+            args.known_hosts.clone(),
+            args.install_command.clone(),
+        ) else {
+            return Err(failure(
+                exit::INVALID,
+                format!(
+                    "device {} is delivered over ssh: --ssh-identity, --known-hosts and \
+                     --install-command are required",
+                    device.id
+                ),
+            ));
+        };
+        let options = gantry_fleet::ssh::SshOptions {
+            identity,
+            known_hosts,
+            install_command,
+            version_command: args.version_command.clone(),
+            remote_dir: args.remote_dir.clone(),
+            connect_timeout: args.timeout,
+            retry,
+            gate_timeout: args.gate_timeout,
+            gate_interval: std::time::Duration::from_millis(200),
+        };
+        gantry_fleet::ssh::push(&device.id, &device.address, &artifact, &options).await
+    } else {
+        let options = PushOptions {
+            request_timeout: args.timeout,
+            retry,
+            gate_timeout: args.gate_timeout,
+            ..PushOptions::default()
+        };
+        delivery::push(&device.id, &device.address, &artifact, &options).await
     };
-    let outcome = delivery::push(&device.id, &device.address, &artifact, &options).await;
     let now = now_ms();
     let seen = match &outcome {
         Outcome::Delivered { .. } => Some((Some(artifact.version.as_str()), Health::Healthy)),
