@@ -141,6 +141,7 @@ async fn measure(args: &FleetBench, dir: &std::path::Path) -> anyhow::Result<ser
         gate_timeout_ms: 10_000,
         start_at_ms: None,
         window: None,
+        ssh: None,
     };
     let mut rollouts = Rollouts::open(&db)?;
     let info = rollouts.create("2.0.0", &Filter::default(), spec)?;

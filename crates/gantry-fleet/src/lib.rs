@@ -16,8 +16,7 @@
 //! - [`ssh`]: SSH delivery to one device (OpenSSH's `scp` and `ssh`, key authentication, host
 //!   keys checked against a known_hosts file).
 //!
-//! Not built yet: SSH delivery inside rollouts (only `gantry fleet push` uses it), dynamic
-//! rollouts, the REST API and event stream, metrics.
+//! Not built yet: dynamic rollouts, the REST API and event stream, metrics.
 
 pub mod artifact;
 pub mod delivery;

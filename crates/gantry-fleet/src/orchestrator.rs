@@ -54,6 +54,9 @@ pub struct RolloutSpec {
     /// Start pushes only inside this maintenance window (in-flight pushes finish).
     #[serde(default)]
     pub window: Option<WindowSpec>,
+    /// How `ssh` devices are reached; required when the targets include one.
+    #[serde(default)]
+    pub ssh: Option<crate::ssh::SshSpec>,
 }
 
 impl RolloutSpec {
@@ -84,6 +87,22 @@ impl RolloutSpec {
             retry,
             gate_timeout: Duration::from_millis(self.gate_timeout_ms),
             ..PushOptions::default()
+        })
+    }
+
+    /// The SSH push settings, when the rollout has SSH settings.
+    fn ssh_options(&self, push: &PushOptions) -> Option<crate::ssh::SshOptions> {
+        let ssh = self.ssh.as_ref()?;
+        Some(crate::ssh::SshOptions {
+            identity: ssh.identity.clone(),
+            known_hosts: ssh.known_hosts.clone(),
+            install_command: ssh.install_command.clone(),
+            version_command: ssh.version_command.clone(),
+            remote_dir: ssh.remote_dir.clone(),
+            connect_timeout: push.request_timeout,
+            retry: push.retry.clone(),
+            gate_timeout: push.gate_timeout,
+            gate_interval: push.gate_interval,
         })
     }
 }
@@ -190,6 +209,17 @@ impl Rollouts {
             return Err(RegistryError::Invalid(
                 "no device matches the filter".into(),
             ));
+        }
+        if spec.ssh.is_none()
+            && let Some(d) = targets
+                .iter()
+                .find(|d| d.delivery == crate::registry::Delivery::Ssh)
+        {
+            return Err(RegistryError::Invalid(format!(
+                "device {} is delivered over ssh: the rollout needs SSH settings (identity, \
+                 known_hosts, install command)",
+                d.id
+            )));
         }
         let id = format!("r-{}", uuid_like());
         let spec_json = serde_json::to_string(&spec).map_err(|e| corrupt(e.to_string()))?;
@@ -417,6 +447,7 @@ impl Rollouts {
         }
         let spec = info.spec.clone();
         let options = spec.push_options().map_err(RegistryError::Invalid)?;
+        let ssh = spec.ssh_options(&options);
         let window = spec
             .window
             .as_ref()
@@ -427,7 +458,7 @@ impl Rollouts {
         let artifact: Artifact = registry
             .artifact(&info.artifact)?
             .ok_or_else(|| RegistryError::Invalid(format!("no artifact {}", info.artifact)))?;
-        let targets: Vec<(String, String)> = {
+        let targets: Vec<(String, String, crate::registry::Delivery)> = {
             let ids: Vec<String> = self
                 .conn
                 .prepare(
@@ -438,11 +469,11 @@ impl Rollouts {
             let mut out = Vec::with_capacity(ids.len());
             for device in ids {
                 // A device removed from the registry since creation cannot be reached.
-                let address = registry
+                let (address, delivery) = registry
                     .get(&device)?
-                    .map(|d| d.address)
+                    .map(|d| (d.address, d.delivery))
                     .unwrap_or_default();
-                out.push((device, address));
+                out.push((device, address, delivery));
             }
             out
         };
@@ -506,16 +537,31 @@ impl Rollouts {
                     Work::Push(i) => (i, false),
                     Work::Check(i) => (i, true),
                 };
-                let (device, address) = targets[index].clone();
+                let (device, address, kind) = targets[index].clone();
                 let artifact = artifact.clone();
                 let options = options.clone();
+                let ssh = ssh.clone();
                 in_flight.spawn(async move {
+                    let ssh = match (kind, ssh) {
+                        (crate::registry::Delivery::Ssh, Some(ssh)) => Some(ssh),
+                        (crate::registry::Delivery::Ssh, None) => {
+                            let detail = "an ssh device, and the rollout has no SSH settings";
+                            return (index, Outcome::Rejected, detail.to_owned(), None);
+                        }
+                        (crate::registry::Delivery::Http, _) => None,
+                    };
                     if check {
-                        let (outcome, detail) = check_device(&address, &artifact.version).await;
+                        let (outcome, detail) = match &ssh {
+                            Some(ssh) => check_ssh_device(&address, &artifact.version, ssh).await,
+                            None => check_device(&address, &artifact.version).await,
+                        };
                         let health = (outcome == Outcome::Succeeded).then_some(Health::Healthy);
                         return (index, outcome, detail, health);
                     }
-                    let result = delivery::push(&device, &address, &artifact, &options).await;
+                    let result = match &ssh {
+                        Some(ssh) => crate::ssh::push(&device, &address, &artifact, ssh).await,
+                        None => delivery::push(&device, &address, &artifact, &options).await,
+                    };
                     let detail = serde_json::to_string(&result).unwrap_or_default();
                     let (outcome, health) = match result {
                         delivery::Outcome::Delivered { .. } => {
@@ -623,6 +669,23 @@ fn phase_name(p: Phase) -> &'static str {
 }
 
 /// After a crash: does the device already run `version`?
+/// After a crash: does this SSH device already run `version`? Without a version command it
+/// cannot tell, and the device is pushed again (the install command must bear a repeat).
+async fn check_ssh_device(
+    address: &str,
+    version: &str,
+    ssh: &crate::ssh::SshOptions,
+) -> (Outcome, String) {
+    match crate::ssh::version(address, ssh).await {
+        Ok(v) if v == version => (
+            Outcome::Succeeded,
+            "check: already runs the new version".into(),
+        ),
+        Ok(v) => (Outcome::NotYet, format!("check: runs {v:?}")),
+        Err(e) => (Outcome::NotYet, format!("check: {e}")),
+    }
+}
+
 async fn check_device(address: &str, version: &str) -> (Outcome, String) {
     let url = format!("http://{address}/version");
     let client = reqwest::Client::builder()

@@ -24,6 +24,22 @@ use tokio::process::Command;
 use crate::delivery::Outcome;
 use crate::registry::Artifact;
 
+/// What a rollout keeps of its SSH settings (the rest comes from its push settings).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SshSpec {
+    /// The private key to log in with.
+    pub identity: PathBuf,
+    /// The known_hosts file the device's host key must be in.
+    pub known_hosts: PathBuf,
+    /// Run on the device after the copy.
+    pub install_command: String,
+    /// Prints the version the device runs (the health gate, and the check after a crash).
+    #[serde(default)]
+    pub version_command: Option<String>,
+    /// Where the artifact is copied on the device.
+    pub remote_dir: String,
+}
+
 /// SSH push settings.
 #[derive(Debug, Clone)]
 pub struct SshOptions {
@@ -143,6 +159,20 @@ async fn run(program: &str, args: &[String], limit: Duration) -> Step {
     }
 }
 
+/// Runs the version command on the device at `address`: the version it reports, or why not.
+pub async fn version(address: &str, options: &SshOptions) -> Result<String, String> {
+    let (login, port) = target(address)?;
+    let Some(command) = &options.version_command else {
+        return Err("no version command".into());
+    };
+    let mut args = common_args(options);
+    args.extend(["-p".to_owned(), port.to_string(), login, command.clone()]);
+    match run("ssh", &args, options.connect_timeout * 2).await {
+        Step::Ok(out) => Ok(out.trim().to_owned()),
+        Step::Transient(e) | Step::Refused(e) => Err(e),
+    }
+}
+
 /// Copies `artifact` to the device at `address` and installs it there.
 pub async fn push(
     device_id: &str,
@@ -218,13 +248,13 @@ pub async fn push(
     }
     let push_ms = millis(started.elapsed());
     let gate_started = Instant::now();
-    if let Some(command) = &options.version_command {
+    if options.version_command.is_some() {
         let deadline = gate_started + options.gate_timeout;
         loop {
-            let seen = match run("ssh", &ssh(command), options.connect_timeout * 2).await {
-                Step::Ok(out) if out.trim() == artifact.version => break,
-                Step::Ok(out) => format!("the device reports version {:?}", out.trim()),
-                Step::Transient(e) | Step::Refused(e) => e,
+            let seen = match version(address, options).await {
+                Ok(v) if v == artifact.version => break,
+                Ok(v) => format!("the device reports version {v:?}"),
+                Err(e) => e,
             };
             if Instant::now() >= deadline {
                 return Outcome::Unhealthy {

@@ -19,6 +19,8 @@ mod exit {
     pub const NOT_FOUND: u8 = 4;
 }
 
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum FleetCommand {
     /// The device registry.
@@ -33,8 +35,9 @@ pub enum FleetCommand {
     /// Rollouts: an artifact to the devices matching a filter, in waves.
     #[command(subcommand)]
     Rollout(RolloutCommand),
-    /// Pushes an artifact to one device over HTTP, retrying transient failures, then waits for
-    /// the device to report the new version and health; records the result in the registry.
+    /// Pushes an artifact to one device (HTTP, or SSH for `ssh` devices), retrying transient
+    /// failures, then waits for the device to report the new version (and, over HTTP, health);
+    /// records the result in the registry.
     Push(PushArgs),
     /// Runs N simulated devices, each on its own loopback address (127.1.0.1 onwards) and the
     /// same port, until SIGINT or SIGTERM; writes a registry import file for them.
@@ -93,6 +96,23 @@ pub enum RolloutCommand {
         /// The IANA time zone the window's cron is read in [default: UTC].
         #[arg(long, value_name = "ZONE", default_value = "", requires = "window")]
         window_tz: String,
+        /// SSH devices: the private key to log in with.
+        #[arg(long, value_name = "FILE", requires_all = ["known_hosts", "install_command"])]
+        ssh_identity: Option<PathBuf>,
+        /// SSH devices: the known_hosts file their host keys must be in.
+        #[arg(long, value_name = "FILE", requires = "ssh_identity")]
+        known_hosts: Option<PathBuf>,
+        /// SSH devices: run after the copy; {path}, {version}, {sha256}, {signature} and
+        /// {device} are replaced (shell-quoted).
+        #[arg(long, value_name = "COMMAND", requires = "ssh_identity")]
+        install_command: Option<String>,
+        /// SSH devices: prints the version the device runs (health gate, and the check after
+        /// a crash).
+        #[arg(long, value_name = "COMMAND", requires = "ssh_identity")]
+        version_command: Option<String>,
+        /// SSH devices: where the artifact is copied.
+        #[arg(long, value_name = "DIR", default_value = "/tmp")]
+        remote_dir: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -213,8 +233,25 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
             window,
             window_duration,
             window_tz,
+            ssh_identity,
+            known_hosts,
+            install_command,
+            version_command,
+            remote_dir,
             json,
         } => {
+            let ssh = match (ssh_identity, known_hosts, install_command) {
+                (Some(identity), Some(known_hosts), Some(install_command)) => {
+                    Some(gantry_fleet::ssh::SshSpec {
+                        identity,
+                        known_hosts,
+                        install_command,
+                        version_command,
+                        remote_dir,
+                    })
+                }
+                _ => None,
+            };
             let start_at_ms = start_at
                 .map(|t| {
                     gantry_fleet::registry::parse_time(&t)
@@ -252,6 +289,7 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
                 gate_timeout_ms: millis(gate_timeout),
                 start_at_ms,
                 window,
+                ssh,
             };
             let f = filter(f)?;
             let info = Rollouts::open(&db.db)?.create(&artifact, &f, spec)?;

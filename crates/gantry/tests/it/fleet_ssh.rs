@@ -1,7 +1,7 @@
 //! `gantry fleet push` to a device reached over SSH: a real OpenSSH `sshd` the test starts on
 //! its own loopback port, key authentication, host keys checked against a known_hosts file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -79,9 +79,10 @@ impl Drop for Sshd {
     }
 }
 
-#[test]
-fn push_over_ssh_copies_installs_checks_the_version_and_refuses_unknown_host_keys() {
-    let dir = temp_dir("fleet-ssh");
+/// An sshd with the client's key authorized, a known_hosts file that has its host key, this
+/// user's login, and a registry with a signed artifact 2.0.0 (the file returned).
+fn setup(label: &str) -> (PathBuf, Sshd, PathBuf, String, PathBuf) {
+    let dir = temp_dir(label);
     let sshd = Sshd::start(&dir);
     // The client's key, authorized on the device.
     keygen(&dir.join("client_key"));
@@ -93,22 +94,8 @@ fn push_over_ssh_copies_installs_checks_the_version_and_refuses_unknown_host_key
         format!("[127.0.0.1]:{} {host_pub}", sshd.port),
     )
     .unwrap();
-    // A known_hosts that knows another key for it.
-    keygen(&dir.join("other_key"));
-    let wrong_hosts = dir.join("wrong_hosts");
-    std::fs::write(
-        &wrong_hosts,
-        format!(
-            "[127.0.0.1]:{} {}",
-            sshd.port,
-            std::fs::read_to_string(dir.join("other_key.pub")).unwrap()
-        ),
-    )
-    .unwrap();
-
     let run = |args: &[&str]| gantry().args(args).output().unwrap();
     let db = dir.join("fleet.db");
-    let dbs = db.to_str().unwrap();
     let keys = dir.join("keys");
     assert!(
         run(&[
@@ -128,7 +115,7 @@ fn push_over_ssh_copies_installs_checks_the_version_and_refuses_unknown_host_key
         "artifacts",
         "add",
         "--db",
-        dbs,
+        db.to_str().unwrap(),
         "--version",
         "2.0.0",
         "--file",
@@ -141,6 +128,28 @@ fn push_over_ssh_copies_installs_checks_the_version_and_refuses_unknown_host_key
         .unwrap()
         .trim()
         .to_owned();
+    (dir, sshd, known_hosts, user, file)
+}
+
+#[test]
+fn push_over_ssh_copies_installs_checks_the_version_and_refuses_unknown_host_keys() {
+    let (dir, sshd, known_hosts, user, file) = setup("fleet-ssh");
+    // A known_hosts that knows another key for it.
+    keygen(&dir.join("other_key"));
+    let wrong_hosts = dir.join("wrong_hosts");
+    std::fs::write(
+        &wrong_hosts,
+        format!(
+            "[127.0.0.1]:{} {}",
+            sshd.port,
+            std::fs::read_to_string(dir.join("other_key.pub")).unwrap()
+        ),
+    )
+    .unwrap();
+
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let db = dir.join("fleet.db");
+    let dbs = db.to_str().unwrap();
     let address = format!("{user}@127.0.0.1:{}", sshd.port);
     let out = run(&[
         "fleet",
@@ -243,4 +252,96 @@ fn push_over_ssh_copies_installs_checks_the_version_and_refuses_unknown_host_key
         (o["outcome"].as_str(), o["attempts"].as_u64()),
         (Some("failed"), Some(2))
     );
+}
+
+#[test]
+fn a_rollout_reaches_ssh_devices_and_refuses_to_start_without_ssh_settings() {
+    let (dir, sshd, known_hosts, user, file) = setup("fleet-ssh-rollout");
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let db = dir.join("fleet.db");
+    let dbs = db.to_str().unwrap();
+    let address = format!("{user}@127.0.0.1:{}", sshd.port);
+    for id in ["pos-1", "pos-2", "pos-3"] {
+        let out = run(&[
+            "fleet",
+            "devices",
+            "add",
+            "--db",
+            dbs,
+            "--id",
+            id,
+            "--address",
+            &address,
+            "--delivery",
+            "ssh",
+            "--tag",
+            "stores",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Without SSH settings the rollout is refused at creation, naming a device.
+    let out = run(&[
+        "fleet",
+        "rollout",
+        "create",
+        "--db",
+        dbs,
+        "--artifact",
+        "2.0.0",
+        "--tag",
+        "stores",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is delivered over ssh"),
+        "{out:?}"
+    );
+
+    let device_dir = dir.join("devices");
+    std::fs::create_dir_all(&device_dir).unwrap();
+    let d = device_dir.display().to_string();
+    // One file per device: the install runs once per device, all on the one sshd.
+    let install =
+        format!("cp {{path}} {d}/{{device}}.bin && echo {{version}} > {d}/{{device}}.version");
+    let identity = dir.join("client_key");
+    let out = run(&[
+        "fleet",
+        "rollout",
+        "create",
+        "--db",
+        dbs,
+        "--artifact",
+        "2.0.0",
+        "--tag",
+        "stores",
+        "--canary",
+        "1",
+        "--batch",
+        "2",
+        "--threshold",
+        "0",
+        "--concurrency",
+        "2",
+        "--ssh-identity",
+        identity.to_str().unwrap(),
+        "--known-hosts",
+        known_hosts.to_str().unwrap(),
+        "--install-command",
+        &install,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = info["id"].as_str().unwrap();
+    let out = run(&["fleet", "rollout", "start", "--db", dbs, id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["phase"], "completed", "{done}");
+    assert_eq!(done["devices"]["succeeded"], 3, "{done}");
+    for id in ["pos-1", "pos-2", "pos-3"] {
+        assert_eq!(
+            std::fs::read(device_dir.join(format!("{id}.bin"))).unwrap(),
+            std::fs::read(&file).unwrap()
+        );
+    }
 }
