@@ -234,6 +234,27 @@ fn parse_filter(s: &str) -> Result<LogFilter, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A listener is a long-running process: it logs (to stderr) as `serve` does, with the
+    // default log settings and `--log-format` / `--log-level` (its `--config` is the observer
+    // file, not Gantry's).
+    if matches!(
+        cli.command,
+        Command::Observer(observer_cli::ObserverCommand::Run { .. })
+    ) {
+        let mut log = Config::default().log;
+        if let Some(format) = cli.log_format {
+            log.format = match format {
+                LogFormatArg::Pretty => LogFormat::Pretty,
+                LogFormatArg::Json => LogFormat::Json,
+            };
+        }
+        if let Some(level) = &cli.log_level {
+            log.level = level.clone();
+        }
+        if let Err(e) = telemetry::init_tracing(log.format, &log.level) {
+            eprintln!("gantry: cannot set up logging: {e}");
+        }
+    }
     let code = match cli.command {
         Command::Version => {
             println!("gantry {VERSION_LINE}");

@@ -203,15 +203,19 @@ fn validate_config_checks_conditions_without_a_database() {
 pub struct Listener {
     pub child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Its stderr: the log.
+    log: std::path::PathBuf,
 }
 
 impl Listener {
     pub fn start(args: &[&str]) -> Self {
         use std::io::BufRead as _;
+        let log = temp_dir("observer-log").join("stderr.log");
         let mut child = gantry()
             .args(["observer", "run"])
             .args(args)
             .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -226,7 +230,12 @@ impl Listener {
                 }
             }
         });
-        Self { child, lines }
+        Self { child, lines, log }
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn wait_for(&self, prefix: &str) -> String {

@@ -915,6 +915,14 @@ async fn with_redis_stopped_mid_run_actions_keep_flowing_and_redis_is_used_again
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(scrape(&admin, "gantry_observer_redis_up").await, 1.0);
+    // The outage and the return were each logged once.
+    let log = listener.log();
+    assert_eq!(
+        log.matches("Redis is down; going on without it").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("Redis answers again").count(), 1, "{log}");
     // Every event was delivered exactly once through all of it.
     let keys: std::collections::HashSet<String> = receiver
         .on("/hook")
