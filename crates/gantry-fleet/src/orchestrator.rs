@@ -89,22 +89,6 @@ impl RolloutSpec {
             ..PushOptions::default()
         })
     }
-
-    /// The SSH push settings, when the rollout has SSH settings.
-    fn ssh_options(&self, push: &PushOptions) -> Option<crate::ssh::SshOptions> {
-        let ssh = self.ssh.as_ref()?;
-        Some(crate::ssh::SshOptions {
-            identity: ssh.identity.clone(),
-            known_hosts: ssh.known_hosts.clone(),
-            install_command: ssh.install_command.clone(),
-            version_command: ssh.version_command.clone(),
-            remote_dir: ssh.remote_dir.clone(),
-            connect_timeout: push.request_timeout,
-            retry: push.retry.clone(),
-            gate_timeout: push.gate_timeout,
-            gate_interval: push.gate_interval,
-        })
-    }
 }
 
 /// A rollout's row.
@@ -447,7 +431,7 @@ impl Rollouts {
         }
         let spec = info.spec.clone();
         let options = spec.push_options().map_err(RegistryError::Invalid)?;
-        let ssh = spec.ssh_options(&options);
+        let ssh = spec.ssh.as_ref().map(|s| s.options(&options));
         let window = spec
             .window
             .as_ref()

@@ -40,6 +40,23 @@ pub struct SshSpec {
     pub remote_dir: String,
 }
 
+impl SshSpec {
+    /// The push settings: these, with the timeouts and retries of `push`.
+    pub fn options(&self, push: &crate::delivery::PushOptions) -> SshOptions {
+        SshOptions {
+            identity: self.identity.clone(),
+            known_hosts: self.known_hosts.clone(),
+            install_command: self.install_command.clone(),
+            version_command: self.version_command.clone(),
+            remote_dir: self.remote_dir.clone(),
+            connect_timeout: push.request_timeout,
+            retry: push.retry.clone(),
+            gate_timeout: push.gate_timeout,
+            gate_interval: push.gate_interval,
+        }
+    }
+}
+
 /// SSH push settings.
 #[derive(Debug, Clone)]
 pub struct SshOptions {
@@ -105,6 +122,18 @@ fn common_args(options: &SshOptions) -> Vec<String> {
     args
 }
 
+/// `ssh` arguments running `command` as `login` on `port`.
+fn ssh_args(options: &SshOptions, login: &str, port: u16, command: &str) -> Vec<String> {
+    let mut args = common_args(options);
+    args.extend([
+        "-p".to_owned(),
+        port.to_string(),
+        login.to_owned(),
+        command.to_owned(),
+    ]);
+    args
+}
+
 enum Step {
     Ok(String),
     Transient(String),
@@ -165,8 +194,7 @@ pub async fn version(address: &str, options: &SshOptions) -> Result<String, Stri
     let Some(command) = &options.version_command else {
         return Err("no version command".into());
     };
-    let mut args = common_args(options);
-    args.extend(["-p".to_owned(), port.to_string(), login, command.clone()]);
+    let args = ssh_args(options, &login, port, command);
     match run("ssh", &args, options.connect_timeout * 2).await {
         Step::Ok(out) => Ok(out.trim().to_owned()),
         Step::Transient(e) | Step::Refused(e) => Err(e),
@@ -211,16 +239,6 @@ pub async fn push(
         artifact.path.display().to_string(),
         format!("{login}:{remote}"),
     ]);
-    let ssh = |command: &str| {
-        let mut args = common_args(options);
-        args.extend([
-            "-p".to_owned(),
-            port.to_string(),
-            login.clone(),
-            command.to_owned(),
-        ]);
-        args
-    };
     // A copy may take as long as the bytes need; give each step a generous bound.
     let limit = options.connect_timeout * 10 + Duration::from_secs(60);
     let started = Instant::now();
@@ -228,7 +246,7 @@ pub async fn push(
     loop {
         attempts += 1;
         let step = match run("scp", &scp, limit).await {
-            Step::Ok(_) => run("ssh", &ssh(&install), limit).await,
+            Step::Ok(_) => run("ssh", &ssh_args(options, &login, port, &install), limit).await,
             other => other,
         };
         match step {

@@ -73,12 +73,6 @@ async fn connect(url: &str, wake: Arc<Notify>) -> Result<Client, Error> {
     Ok(client)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// Runs until `stop`: stands by, leads when it can, and reports what it does.
 pub async fn run(
     options: ListenerOptions,
@@ -198,7 +192,7 @@ async fn lead(
                 &events,
                 next,
                 held.epoch,
-                now_ms(),
+                gantry_jobs::model::now_millis(),
             )
             .await?;
             for (id, observer, e) in &handed.condition_errors {

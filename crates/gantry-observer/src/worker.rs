@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_jobs::model::{Ack, Job, Millis, Outcome};
+use gantry_jobs::model::{Ack, Job, Outcome, now_millis};
 use gantry_jobs::store::postgres::PostgresStore;
 use gantry_jobs::store::{ClaimRequest, Store};
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -37,12 +37,6 @@ pub struct WorkerOptions {
 
 /// Acks written per transaction, at most.
 const ACK_BATCH: usize = 512;
-
-fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 /// The ack for one attempt's outcome.
 pub fn ack(job: &Job, attempt: Attempt) -> Ack {
@@ -96,7 +90,7 @@ pub async fn run(
     while !stop.is_cancelled() {
         if last_expiry.elapsed() >= Duration::from_secs(1) {
             last_expiry = tokio::time::Instant::now();
-            match store.expire_leases(now_ms()).await {
+            match store.expire_leases(now_millis()).await {
                 Ok(expired) if !expired.is_empty() => {
                     tracing::info!(
                         expired = expired.len(),
@@ -120,7 +114,10 @@ pub async fn run(
             names: names.clone(),
             limit: free,
         };
-        let claimed = match store.claim(vec![request], Arc::default(), now_ms()).await {
+        let claimed = match store
+            .claim(vec![request], Arc::default(), now_millis())
+            .await
+        {
             Ok(mut per_request) => {
                 if store_down {
                     tracing::info!("jobs store reachable again");
@@ -197,7 +194,7 @@ async fn write_acks(store: PostgresStore, mut rx: mpsc::Receiver<Ack>) {
         let n = acks.len();
         // A failed write leaves the attempts running until their leases expire: they are then
         // retried (at least once, never lost).
-        match store.ack(acks, now_ms()).await {
+        match store.ack(acks, now_millis()).await {
             Ok(results) => {
                 for r in results.iter().filter_map(|r| r.as_ref().err()) {
                     tracing::info!(error = %r, "ack refused (the attempt was no longer current)");

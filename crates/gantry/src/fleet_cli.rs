@@ -96,23 +96,8 @@ pub enum RolloutCommand {
         /// The IANA time zone the window's cron is read in [default: UTC].
         #[arg(long, value_name = "ZONE", default_value = "", requires = "window")]
         window_tz: String,
-        /// SSH devices: the private key to log in with.
-        #[arg(long, value_name = "FILE", requires_all = ["known_hosts", "install_command"])]
-        ssh_identity: Option<PathBuf>,
-        /// SSH devices: the known_hosts file their host keys must be in.
-        #[arg(long, value_name = "FILE", requires = "ssh_identity")]
-        known_hosts: Option<PathBuf>,
-        /// SSH devices: run after the copy; {path}, {version}, {sha256}, {signature} and
-        /// {device} are replaced (shell-quoted).
-        #[arg(long, value_name = "COMMAND", requires = "ssh_identity")]
-        install_command: Option<String>,
-        /// SSH devices: prints the version the device runs (health gate, and the check after
-        /// a crash).
-        #[arg(long, value_name = "COMMAND", requires = "ssh_identity")]
-        version_command: Option<String>,
-        /// SSH devices: where the artifact is copied.
-        #[arg(long, value_name = "DIR", default_value = "/tmp")]
-        remote_dir: String,
+        #[command(flatten)]
+        ssh: SshArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -233,25 +218,10 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
             window,
             window_duration,
             window_tz,
-            ssh_identity,
-            known_hosts,
-            install_command,
-            version_command,
-            remote_dir,
+            ssh,
             json,
         } => {
-            let ssh = match (ssh_identity, known_hosts, install_command) {
-                (Some(identity), Some(known_hosts), Some(install_command)) => {
-                    Some(gantry_fleet::ssh::SshSpec {
-                        identity,
-                        known_hosts,
-                        install_command,
-                        version_command,
-                        remote_dir,
-                    })
-                }
-                _ => None,
-            };
+            let ssh = ssh.spec();
             let start_at_ms = start_at
                 .map(|t| {
                     gantry_fleet::registry::parse_time(&t)
@@ -421,25 +391,46 @@ pub struct PushArgs {
     /// How long the device has to report the new version and health.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
     gate_timeout: std::time::Duration,
+    #[command(flatten)]
+    ssh: SshArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How `ssh` devices are reached (`push` and `rollout create`).
+#[derive(Debug, clap::Args)]
+pub struct SshArgs {
     /// SSH devices: the private key to log in with.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires_all = ["known_hosts", "install_command"])]
     ssh_identity: Option<PathBuf>,
-    /// SSH devices: the known_hosts file their host key must be in (unknown keys are refused).
-    #[arg(long, value_name = "FILE")]
+    /// SSH devices: the known_hosts file their host keys must be in (unknown keys are refused).
+    #[arg(long, value_name = "FILE", requires = "ssh_identity")]
     known_hosts: Option<PathBuf>,
     /// SSH devices: run after the copy; {path}, {version}, {sha256}, {signature} and {device}
     /// are replaced (shell-quoted).
-    #[arg(long, value_name = "COMMAND")]
+    #[arg(long, value_name = "COMMAND", requires = "ssh_identity")]
     install_command: Option<String>,
-    /// SSH devices: prints the version the device runs (the health gate); none: no gate.
-    #[arg(long, value_name = "COMMAND")]
+    /// SSH devices: prints the version the device runs (the health gate, and the check after
+    /// a crash); none: no gate.
+    #[arg(long, value_name = "COMMAND", requires = "ssh_identity")]
     version_command: Option<String>,
     /// SSH devices: where the artifact is copied.
     #[arg(long, value_name = "DIR", default_value = "/tmp")]
     remote_dir: String,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+}
+
+impl SshArgs {
+    /// The settings, when they were given (clap makes the three required ones go together).
+    fn spec(&self) -> Option<gantry_fleet::ssh::SshSpec> {
+        Some(gantry_fleet::ssh::SshSpec {
+            identity: self.ssh_identity.clone()?,
+            known_hosts: self.known_hosts.clone()?,
+            install_command: self.install_command.clone()?,
+            version_command: self.version_command.clone(),
+            remote_dir: self.remote_dir.clone(),
+        })
+    }
 }
 
 /// `gantry fleet push`; returns the exit code.
@@ -464,12 +455,14 @@ async fn push_inner(args: PushArgs) -> Result<(), Failure> {
         .initial_delay(args.retry_delay)
         .build()
         .map_err(|e| failure(exit::INVALID, e.to_string()))?;
+    let options = PushOptions {
+        request_timeout: args.timeout,
+        retry,
+        gate_timeout: args.gate_timeout,
+        ..PushOptions::default()
+    };
     let outcome = if device.delivery == Delivery::Ssh {
-        let (Some(identity), Some(known_hosts), Some(install_command)) = (
-            args.ssh_identity.clone(),
-            args.known_hosts.clone(),
-            args.install_command.clone(),
-        ) else {
+        let Some(ssh) = args.ssh.spec() else {
             return Err(failure(
                 exit::INVALID,
                 format!(
@@ -479,25 +472,9 @@ async fn push_inner(args: PushArgs) -> Result<(), Failure> {
                 ),
             ));
         };
-        let options = gantry_fleet::ssh::SshOptions {
-            identity,
-            known_hosts,
-            install_command,
-            version_command: args.version_command.clone(),
-            remote_dir: args.remote_dir.clone(),
-            connect_timeout: args.timeout,
-            retry,
-            gate_timeout: args.gate_timeout,
-            gate_interval: std::time::Duration::from_millis(200),
-        };
+        let options = ssh.options(&options);
         gantry_fleet::ssh::push(&device.id, &device.address, &artifact, &options).await
     } else {
-        let options = PushOptions {
-            request_timeout: args.timeout,
-            retry,
-            gate_timeout: args.gate_timeout,
-            ..PushOptions::default()
-        };
         delivery::push(&device.id, &device.address, &artifact, &options).await
     };
     let now = now_ms();

@@ -150,12 +150,6 @@ async fn item(store: &PostgresStore, id: &str) -> Result<Job, Failure> {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// Runs a `dlq` command.
 pub async fn run(target: DlqTarget, command: DlqCommand) -> Result<(), Failure> {
     let store = PostgresStore::connect(&target.database, &target.jobs_schema)
@@ -212,7 +206,7 @@ pub async fn run(target: DlqTarget, command: DlqCommand) -> Result<(), Failure> 
         DlqCommand::Retry { id } => {
             item(&store, &id).await?;
             let job = store
-                .retry(id, now_ms())
+                .retry(id, gantry_jobs::model::now_millis())
                 .await
                 .map_err(store_failure)?
                 .map_err(job_failure)?;
@@ -231,7 +225,11 @@ pub async fn run(target: DlqTarget, command: DlqCommand) -> Result<(), Failure> 
                 }
                 for j in jobs {
                     // One already revived by someone else is skipped.
-                    if let Ok(job) = store.retry(j.id, now_ms()).await.map_err(store_failure)? {
+                    if let Ok(job) = store
+                        .retry(j.id, gantry_jobs::model::now_millis())
+                        .await
+                        .map_err(store_failure)?
+                    {
                         retried.push(job.id);
                     }
                 }
