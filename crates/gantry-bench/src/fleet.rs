@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use gantry_fleet::orchestrator::{RolloutSpec, Rollouts};
-use gantry_fleet::registry::{Filter, Format, Registry};
+use gantry_fleet::registry::{Format, Registry};
 use gantry_fleet::rollout::{Change, DeviceState};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -142,9 +142,11 @@ async fn measure(args: &FleetBench, dir: &std::path::Path) -> anyhow::Result<ser
         start_at_ms: None,
         window: None,
         ssh: None,
+        filter: Default::default(),
+        dynamic: false,
     };
     let mut rollouts = Rollouts::open(&db)?;
-    let info = rollouts.create("2.0.0", &Filter::default(), spec)?;
+    let info = rollouts.create("2.0.0", spec)?;
     let rss_before = memory(std::process::id()).map_or(0, |m| m.rss);
     let started = Instant::now();
     let done = rollouts.run(&info.id, |_| {}).await?;

@@ -20,6 +20,7 @@
 
 pub mod artifact;
 pub mod delivery;
+pub mod metrics;
 pub mod orchestrator;
 pub mod registry;
 pub mod rollout;

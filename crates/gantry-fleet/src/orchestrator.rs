@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::delivery::{self, PushOptions};
-use crate::registry::{Artifact, Filter, Health, Registry, RegistryError, now_ms};
+use crate::metrics::FleetMetrics;
+use crate::registry::{Artifact, FilterSpec, Health, Registry, RegistryError, now_ms};
 use crate::rollout::{Change, DeviceState, Outcome, Phase, Rollout, Work};
 use crate::waves::{Canary, Growth, WavePlan};
 use crate::window::{Window, WindowSpec};
@@ -57,6 +58,13 @@ pub struct RolloutSpec {
     /// How `ssh` devices are reached; required when the targets include one.
     #[serde(default)]
     pub ssh: Option<crate::ssh::SshSpec>,
+    /// Which devices it targets.
+    #[serde(default)]
+    pub filter: FilterSpec,
+    /// Takes in devices matching the filter that are registered (or come to match) after
+    /// creation, until closed; it completes only once closed.
+    #[serde(default)]
+    pub dynamic: bool,
 }
 
 impl RolloutSpec {
@@ -148,7 +156,13 @@ fn corrupt(what: String) -> RegistryError {
 pub struct Rollouts {
     conn: Connection,
     path: PathBuf,
+    metrics: Option<std::sync::Arc<FleetMetrics>>,
 }
+
+/// How long a runner's claim on a rollout lasts without renewal.
+const LEASE: Duration = Duration::from_secs(15);
+/// How often a dynamic rollout looks for devices to take in.
+const JOIN_POLL: Duration = Duration::from_secs(1);
 
 impl Rollouts {
     /// Opens the rollouts of the registry at `path` (migrating it).
@@ -161,14 +175,21 @@ impl Rollouts {
         Ok(Self {
             conn,
             path: path.to_owned(),
+            metrics: None,
         })
     }
 
-    /// Creates a rollout of `artifact` to the devices matching `filter`; returns its id.
+    /// Records pushes, outcomes and progress of the rollouts this value runs in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<FleetMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Creates a rollout of `artifact` to the devices matching `spec.filter`; returns it.
+    /// A dynamic rollout may start with no device; any other needs one.
     pub fn create(
         &mut self,
         artifact: &str,
-        filter: &Filter,
         spec: RolloutSpec,
     ) -> Result<RolloutInfo, RegistryError> {
         spec.plan()
@@ -188,8 +209,9 @@ impl Rollouts {
         if registry.artifact(artifact)?.is_none() {
             return Err(RegistryError::Invalid(format!("no artifact {artifact}")));
         }
-        let (targets, _) = registry.list(filter, 0, usize::MAX)?;
-        if targets.is_empty() {
+        let filter = spec.filter.at(now_ms())?;
+        let (targets, _) = registry.list(&filter, 0, usize::MAX)?;
+        if targets.is_empty() && !spec.dynamic {
             return Err(RegistryError::Invalid(
                 "no device matches the filter".into(),
             ));
@@ -334,6 +356,11 @@ impl Rollouts {
                 info.phase
             )));
         }
+        if what == "close" && !info.spec.dynamic {
+            return Err(RegistryError::Invalid(format!(
+                "rollout {id} is not dynamic; nothing to close"
+            )));
+        }
         self.conn.execute(
             "UPDATE rollouts SET requested = ?2, updated_ms = ?3 WHERE id = ?1",
             params![id, what, now_ms()],
@@ -416,12 +443,69 @@ impl Rollouts {
         Ok(requested)
     }
 
+    /// Claims `id` for the runner `me`: refused while another live runner holds it.
+    fn claim(&mut self, id: &str, me: &str) -> Result<(), RegistryError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (runner, until): (Option<String>, Option<i64>) = tx
+            .query_row(
+                "SELECT runner, runner_until_ms FROM rollouts WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| RegistryError::Invalid(format!("no rollout {id}")))?;
+        let now = now_ms();
+        if let Some(runner) = runner
+            && until.is_some_and(|u| u > now)
+            && runner_alive(&runner)
+        {
+            return Err(RegistryError::Busy(format!(
+                "rollout {id} is being run by another orchestrator (process {})",
+                runner.split(':').next().unwrap_or("?")
+            )));
+        }
+        tx.execute(
+            "UPDATE rollouts SET runner = ?2, runner_until_ms = ?3 WHERE id = ?1",
+            params![id, me, now + LEASE.as_millis() as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn renew(&mut self, id: &str, me: &str) -> Result<(), RegistryError> {
+        let n = self.conn.execute(
+            "UPDATE rollouts SET runner_until_ms = ?3 WHERE id = ?1 AND runner = ?2",
+            params![id, me, now_ms() + LEASE.as_millis() as i64],
+        )?;
+        if n == 0 {
+            return Err(RegistryError::Busy(format!(
+                "rollout {id}: this orchestrator lost its claim (its lease ran out)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, id: &str, me: &str) {
+        let released = self.conn.execute(
+            "UPDATE rollouts SET runner = NULL, runner_until_ms = NULL WHERE id = ?1 AND runner = ?2",
+            params![id, me],
+        );
+        if let Err(e) = released {
+            // The lease runs out on its own.
+            tracing::warn!(rollout = id, error = %e, "cannot release the rollout's claim");
+        }
+    }
+
     /// Runs (or continues) the rollout `id` until it completes, aborts, or is paused with
-    /// nothing in flight. `progress` is called after every recorded outcome.
+    /// nothing in flight. `progress` is called after every recorded outcome. One orchestrator
+    /// runs a rollout at a time: while another live one holds it, this fails with
+    /// [`RegistryError::Busy`].
     pub async fn run(
         &mut self,
         id: &str,
-        mut progress: impl FnMut(&RolloutInfo),
+        progress: impl FnMut(&RolloutInfo),
     ) -> Result<RolloutInfo, RegistryError> {
         let info = self
             .info(id)?
@@ -429,6 +513,20 @@ impl Rollouts {
         if info.phase == "completed" || info.phase == "aborted" {
             return Ok(info);
         }
+        let me = format!("{}:{}", std::process::id(), uuid_like());
+        self.claim(id, &me)?;
+        let result = self.run_claimed(id, &me, info, progress).await;
+        self.release(id, &me);
+        result
+    }
+
+    async fn run_claimed(
+        &mut self,
+        id: &str,
+        me: &str,
+        info: RolloutInfo,
+        mut progress: impl FnMut(&RolloutInfo),
+    ) -> Result<RolloutInfo, RegistryError> {
         let spec = info.spec.clone();
         let options = spec.push_options().map_err(RegistryError::Invalid)?;
         let ssh = spec.ssh.as_ref().map(|s| s.options(&options));
@@ -442,7 +540,7 @@ impl Rollouts {
         let artifact: Artifact = registry
             .artifact(&info.artifact)?
             .ok_or_else(|| RegistryError::Invalid(format!("no artifact {}", info.artifact)))?;
-        let targets: Vec<(String, String, crate::registry::Delivery)> = {
+        let mut targets: Vec<(String, String, crate::registry::Delivery)> = {
             let ids: Vec<String> = self
                 .conn
                 .prepare(
@@ -465,31 +563,56 @@ impl Rollouts {
         let trail: Vec<Change> = self.events(id)?.into_iter().map(|e| e.change).collect();
         let concurrency = spec.concurrency.max(1) as usize;
         let mut rollout = if trail.is_empty() {
-            let (r, changes) = Rollout::new(
+            let (r, changes) = Rollout::with_joining(
                 targets.len(),
                 spec.plan(),
                 spec.threshold_percent,
                 concurrency,
+                spec.dynamic,
             )
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
             self.append(id, &changes, Some("started"), r.phase(), None)?;
             r
         } else {
-            Rollout::replay(
-                targets.len(),
+            // The targets it was created with: those that joined later come from the trail.
+            let joined: usize = trail
+                .iter()
+                .map(|c| match c {
+                    Change::Joined { count } => *count,
+                    _ => 0,
+                })
+                .sum();
+            Rollout::replay_joining(
+                targets.len().saturating_sub(joined),
                 spec.plan(),
                 spec.threshold_percent,
                 concurrency,
+                spec.dynamic,
                 &trail,
             )
             .map_err(|e| RegistryError::Invalid(e.to_string()))?
         };
+        let mut known: std::collections::HashSet<String> =
+            targets.iter().map(|t| t.0.clone()).collect();
+        let mut renewed = std::time::Instant::now();
+        let mut polled: Option<std::time::Instant> = None;
         let mut in_flight: JoinSet<(usize, Outcome, String, Option<Health>)> = JoinSet::new();
         loop {
+            if renewed.elapsed() >= LEASE / 3 {
+                blocking(|| self.renew(id, me))?;
+                renewed = std::time::Instant::now();
+            }
+            if rollout.is_open() && polled.is_none_or(|p| p.elapsed() >= JOIN_POLL) {
+                polled = Some(std::time::Instant::now());
+                let joined =
+                    blocking(|| self.join_new(id, &spec.filter, &mut known, &mut rollout))?;
+                targets.extend(joined);
+            }
             if let Some(request) = self.take_request(id)? {
                 let changes = match request.as_str() {
                     "pause" => rollout.pause(),
                     "resume" => rollout.resume(),
+                    "close" => rollout.close(),
                     _ => rollout.abort("aborted by request"),
                 };
                 if let Ok(changes) = changes {
@@ -525,6 +648,7 @@ impl Rollouts {
                 let artifact = artifact.clone();
                 let options = options.clone();
                 let ssh = ssh.clone();
+                let metrics = self.metrics.clone();
                 in_flight.spawn(async move {
                     let ssh = match (kind, ssh) {
                         (crate::registry::Delivery::Ssh, Some(ssh)) => Some(ssh),
@@ -546,6 +670,9 @@ impl Rollouts {
                         Some(ssh) => crate::ssh::push(&device, &address, &artifact, ssh).await,
                         None => delivery::push(&device, &address, &artifact, &options).await,
                     };
+                    if let Some(m) = &metrics {
+                        m.record_push(&result);
+                    }
                     let detail = serde_json::to_string(&result).unwrap_or_default();
                     let (outcome, health) = match result {
                         delivery::Outcome::Delivered { .. } => {
@@ -598,7 +725,7 @@ impl Rollouts {
             }
             let phase = rollout.phase();
             blocking(|| self.append_many(id, &entries, phase))?;
-            progress(&RolloutInfo {
+            let now = RolloutInfo {
                 id: id.to_owned(),
                 artifact: info.artifact.clone(),
                 spec: spec.clone(),
@@ -606,11 +733,89 @@ impl Rollouts {
                 phase: phase_name(phase).to_owned(),
                 requested: None,
                 devices: counts(rollout.devices()),
-            });
+            };
+            if let Some(m) = &self.metrics {
+                m.record_progress(&now);
+            }
+            progress(&now);
         }
         self.info(id)?
             .ok_or_else(|| corrupt(format!("rollout {id} vanished")))
     }
+}
+
+impl Rollouts {
+    /// Takes the devices now matching `filter` that are not targets yet into the dynamic
+    /// rollout `id`: their target rows and the trail's `joined` entry in one transaction.
+    fn join_new(
+        &mut self,
+        id: &str,
+        filter: &FilterSpec,
+        known: &mut std::collections::HashSet<String>,
+        rollout: &mut Rollout,
+    ) -> Result<Vec<(String, String, crate::registry::Delivery)>, RegistryError> {
+        let registry = Registry::open(&self.path)?;
+        let (matching, _) = registry.list(&filter.at(now_ms())?, 0, usize::MAX)?;
+        drop(registry);
+        let fresh: Vec<_> = matching
+            .into_iter()
+            .filter(|d| !known.contains(&d.id))
+            .map(|d| (d.id, d.address, d.delivery))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(fresh);
+        }
+        let start = rollout.devices().len();
+        let changes = rollout
+            .join(fresh.len())
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO rollout_targets (rollout_id, idx, device_id) VALUES (?1, ?2, ?3)",
+            )?;
+            for (i, (device, ..)) in fresh.iter().enumerate() {
+                insert.execute(params![id, (start + i) as i64, device])?;
+            }
+            let first: i64 = tx.query_row(
+                "SELECT COALESCE(max(seq), 0) + 1 FROM rollout_events WHERE rollout_id = ?1",
+                [id],
+                |r| r.get(0),
+            )?;
+            let mut event = tx.prepare_cached(
+                "INSERT INTO rollout_events (rollout_id, seq, at_ms, change, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let detail = format!("{} devices joined", fresh.len());
+            for (seq, change) in (first..).zip(&changes) {
+                let json = serde_json::to_string(change).map_err(|e| corrupt(e.to_string()))?;
+                event.execute(params![id, seq, now_ms(), json, detail])?;
+            }
+        }
+        tx.execute(
+            "UPDATE rollouts SET targets = ?2, updated_ms = ?3 WHERE id = ?1",
+            params![id, (start + fresh.len()) as i64, now_ms()],
+        )?;
+        tx.commit()?;
+        for (device, ..) in &fresh {
+            known.insert(device.clone());
+        }
+        Ok(fresh)
+    }
+}
+
+/// Whether the runner `<pid>:<nonce>` may still be running: its process exists (a runner of
+/// this process counts as live; a pid reused by another program holds until the lease ends).
+fn runner_alive(runner: &str) -> bool {
+    let Some(pid) = runner.split(':').next().and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
 }
 
 /// One outcome's trail entries and what it saw of its device.

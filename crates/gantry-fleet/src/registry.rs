@@ -36,6 +36,9 @@ pub enum RegistryError {
     /// Reading or writing a file failed.
     #[error("{0}")]
     Io(String),
+    /// Another orchestrator is running this rollout.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// How updates reach a device.
@@ -229,6 +232,54 @@ pub struct Filter {
     pub unseen_since: Option<i64>,
 }
 
+/// A [`Filter`] as written by a user (CLI flags, API query or body) and kept with a rollout:
+/// times are relative (`seen_within`), so a dynamic rollout's filter keeps its meaning later.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilterSpec {
+    /// Has all these tags.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// In this group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// At this location.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// A semver requirement on the version it runs, e.g. `>=1.2, <2`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Seen within this many milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_within_ms: Option<u64>,
+    /// Not seen for this many milliseconds (or never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unseen_for_ms: Option<u64>,
+}
+
+impl FilterSpec {
+    /// The filter as of `now` (ms); an invalid version requirement is refused, named.
+    pub fn at(&self, now: i64) -> Result<Filter, RegistryError> {
+        let ago = |ms: u64| now.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX));
+        Ok(Filter {
+            tags: self.tags.clone(),
+            group: self.group.clone(),
+            location: self.location.clone(),
+            version: self
+                .version
+                .as_deref()
+                .map(|v| {
+                    semver::VersionReq::parse(v).map_err(|e| {
+                        RegistryError::Invalid(format!("version requirement {v:?}: {e}"))
+                    })
+                })
+                .transpose()?,
+            seen_since: self.seen_within_ms.map(ago),
+            unseen_since: self.unseen_for_ms.map(ago),
+        })
+    }
+}
+
 /// File formats of import and export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -321,6 +372,11 @@ CREATE TABLE rollout_events (
     detail     TEXT,
     PRIMARY KEY (rollout_id, seq)
 ) WITHOUT ROWID;
+"#,
+    // Who runs a rollout: `<pid>:<nonce>` and until when, so two orchestrators never run one.
+    r#"
+ALTER TABLE rollouts ADD COLUMN runner TEXT;
+ALTER TABLE rollouts ADD COLUMN runner_until_ms INTEGER;
 "#,
 ];
 
@@ -612,6 +668,20 @@ impl Registry {
             .conn
             .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Device counts by health.
+    pub fn count_by_health(&self) -> Result<Vec<(String, u64)>, RegistryError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT health, count(*) FROM devices GROUP BY health ORDER BY health")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (h, n) = row?;
+            out.push((h, u64::try_from(n).unwrap_or(0)));
+        }
+        Ok(out)
     }
 
     /// Imports devices from `input` in one transaction: all of them, or none when a record is

@@ -104,6 +104,13 @@ pub enum Change {
         /// Its number (0 = canary).
         wave: usize,
     },
+    /// Devices registered after creation joined a dynamic rollout, as a new wave at the end.
+    Joined {
+        /// How many (their indexes follow the existing targets).
+        count: usize,
+    },
+    /// A dynamic rollout takes in no more devices: it completes when its waves have ended.
+    Closed,
     /// The rollout's phase changed.
     Phase {
         /// The new phase.
@@ -141,6 +148,9 @@ pub struct Rollout {
     phase: Phase,
     threshold_percent: f64,
     concurrency: usize,
+    /// Dynamic and not closed: when its waves have ended it waits for devices to join
+    /// instead of completing.
+    open: bool,
 }
 
 impl Rollout {
@@ -151,6 +161,18 @@ impl Rollout {
         threshold_percent: f64,
         concurrency: usize,
     ) -> Result<(Self, Vec<Change>), RolloutError> {
+        Self::with_joining(targets, plan, threshold_percent, concurrency, false)
+    }
+
+    /// A new rollout that, when `dynamic`, takes in devices registered later ([`Rollout::join`])
+    /// and waits for them after its waves end, until [`Rollout::close`].
+    pub fn with_joining(
+        targets: usize,
+        plan: WavePlan,
+        threshold_percent: f64,
+        concurrency: usize,
+        dynamic: bool,
+    ) -> Result<(Self, Vec<Change>), RolloutError> {
         let waves = plan.waves(targets)?;
         let mut r = Self {
             devices: vec![DeviceState::Pending; targets],
@@ -159,6 +181,7 @@ impl Rollout {
             phase: Phase::Running,
             threshold_percent,
             concurrency: concurrency.max(1),
+            open: dynamic,
         };
         let mut changes = vec![Change::WaveOpened { wave: 0 }];
         r.settle(&mut changes);
@@ -183,6 +206,47 @@ impl Rollout {
     /// Every device's state.
     pub fn devices(&self) -> &[DeviceState] {
         &self.devices
+    }
+
+    /// Whether devices may still join.
+    pub fn is_open(&self) -> bool {
+        self.open && !matches!(self.phase, Phase::Aborted | Phase::Completed)
+    }
+
+    /// Takes `count` more devices in (their indexes follow the existing ones) as one wave after
+    /// the others. Refused unless the rollout is dynamic, not closed and not finished.
+    pub fn join(&mut self, count: usize) -> Result<Vec<Change>, RolloutError> {
+        if !self.is_open() {
+            return Err(RolloutError::Phase(self.phase));
+        }
+        let mut changes = vec![Change::Joined { count }];
+        if count == 0 {
+            return Ok(changes);
+        }
+        self.add(count);
+        if self.wave == self.waves.len() - 1 {
+            // It was waiting past its last wave: the new one opens now.
+            changes.push(Change::WaveOpened { wave: self.wave });
+        }
+        Ok(changes)
+    }
+
+    fn add(&mut self, count: usize) {
+        let start = self.devices.len();
+        self.devices
+            .extend(std::iter::repeat_n(DeviceState::Pending, count));
+        self.waves.push(start..start + count);
+    }
+
+    /// Takes in no more devices: the rollout completes when its waves have ended.
+    pub fn close(&mut self) -> Result<Vec<Change>, RolloutError> {
+        if !self.is_open() {
+            return Err(RolloutError::Phase(self.phase));
+        }
+        self.open = false;
+        let mut changes = vec![Change::Closed];
+        self.settle(&mut changes);
+        Ok(changes)
     }
 
     fn in_flight(&self) -> usize {
@@ -249,6 +313,10 @@ impl Rollout {
     fn settle(&mut self, changes: &mut Vec<Change>) {
         while matches!(self.phase, Phase::Running | Phase::Paused) {
             let Some(range) = self.waves.get(self.wave).cloned() else {
+                if self.open {
+                    // Dynamic: wait for devices to join.
+                    return;
+                }
                 self.phase = Phase::Completed;
                 changes.push(Change::Phase {
                     phase: Phase::Completed,
@@ -329,9 +397,29 @@ impl Rollout {
         concurrency: usize,
         trail: &[Change],
     ) -> Result<Self, RolloutError> {
-        let (mut r, _) = Self::new(targets, plan, threshold_percent, concurrency)?;
+        Self::replay_joining(targets, plan, threshold_percent, concurrency, false, trail)
+    }
+
+    /// [`Rollout::replay`] of a rollout made by [`Rollout::with_joining`]; `targets` counts
+    /// the devices it was created with, not those that joined later (the trail adds them).
+    pub fn replay_joining(
+        targets: usize,
+        plan: WavePlan,
+        threshold_percent: f64,
+        concurrency: usize,
+        dynamic: bool,
+        trail: &[Change],
+    ) -> Result<Self, RolloutError> {
+        let (mut r, _) =
+            Self::with_joining(targets, plan, threshold_percent, concurrency, dynamic)?;
         for change in trail {
             match change {
+                Change::Joined { count } => {
+                    if *count > 0 {
+                        r.add(*count);
+                    }
+                }
+                Change::Closed => r.open = false,
                 Change::Device { index, state } => {
                     if let Some(d) = r.devices.get_mut(*index) {
                         *d = *state;
@@ -425,6 +513,31 @@ mod tests {
     }
 
     #[test]
+    fn a_dynamic_rollout_waits_for_joining_devices_until_closed() {
+        let (mut r, _) = Rollout::with_joining(1, plan(1, 5), 0.0, 10, true).unwrap();
+        assert_eq!(r.take_work().0, vec![Work::Push(0)]);
+        r.finish(0, Outcome::Succeeded).unwrap();
+        assert_eq!(r.phase(), Phase::Running, "waits for devices to join");
+        assert!(r.take_work().0.is_empty());
+        let changes = r.join(2).unwrap();
+        assert_eq!(
+            changes,
+            vec![Change::Joined { count: 2 }, Change::WaveOpened { wave: 1 }]
+        );
+        assert_eq!(r.take_work().0, vec![Work::Push(1), Work::Push(2)]);
+        r.finish(1, Outcome::Succeeded).unwrap();
+        r.finish(2, Outcome::Succeeded).unwrap();
+        assert_eq!(r.phase(), Phase::Running);
+        let changes = r.close().unwrap();
+        assert_eq!(r.phase(), Phase::Completed);
+        assert_eq!(changes[0], Change::Closed);
+        assert!(r.join(1).is_err(), "closed");
+        let (fixed, _) = Rollout::new(1, plan(1, 5), 0.0, 10).unwrap();
+        let mut fixed = fixed;
+        assert!(fixed.join(1).is_err(), "not dynamic");
+    }
+
+    #[test]
     fn refusals_of_bad_operations() {
         let (mut r, _) = Rollout::new(3, plan(1, 1), 0.0, 1).unwrap();
         assert!(r.finish(0, Outcome::Succeeded).is_err(), "not in flight");
@@ -444,6 +557,8 @@ mod tests {
         Pause,
         Resume,
         Crash,
+        Join(usize),
+        Close,
     }
 
     fn ops() -> impl Strategy<Value = Vec<Op>> {
@@ -454,6 +569,8 @@ mod tests {
                 1 => Just(Op::Pause),
                 1 => Just(Op::Resume),
                 1 => Just(Op::Crash),
+                1 => (0usize..5).prop_map(Op::Join),
+                1 => Just(Op::Close),
             ],
             0..300,
         )
@@ -467,10 +584,12 @@ mod tests {
             batch in 1u32..8,
             threshold in prop_oneof![Just(0.0), Just(25.0), Just(100.0)],
             concurrency in 1usize..6,
+            dynamic in any::<bool>(),
             ops in ops(),
         ) {
             let p = plan(canary, batch);
-            let (mut r, mut trail) = Rollout::new(targets, p, threshold, concurrency).unwrap();
+            let (mut r, mut trail) =
+                Rollout::with_joining(targets, p, threshold, concurrency, dynamic).unwrap();
             let mut succeeded = vec![false; targets];
             let mut in_flight: Vec<usize> = Vec::new();
             for op in ops {
@@ -519,8 +638,21 @@ mod tests {
                     }
                     Op::Pause => { if let Ok(c) = r.pause() { trail.extend(c); } }
                     Op::Resume => { if let Ok(c) = r.resume() { trail.extend(c); } }
+                    Op::Join(n) => {
+                        let open = r.is_open();
+                        match r.join(n) {
+                            Ok(c) => {
+                                prop_assert!(open && dynamic);
+                                trail.extend(c);
+                                succeeded.extend(std::iter::repeat_n(false, n));
+                            }
+                            Err(_) => prop_assert!(!open),
+                        }
+                    }
+                    Op::Close => { if let Ok(c) = r.close() { trail.extend(c); } }
                     Op::Crash => {
-                        r = Rollout::replay(targets, p, threshold, concurrency, &trail).unwrap();
+                        r = Rollout::replay_joining(targets, p, threshold, concurrency, dynamic, &trail)
+                            .unwrap();
                         in_flight.clear();
                         prop_assert!(r.devices().iter().all(|s| *s != DeviceState::InFlight));
                     }
@@ -537,6 +669,7 @@ mod tests {
                 trail.extend(r.finish(i, Outcome::Succeeded).unwrap());
             }
             let _ = r.resume();
+            let _ = r.close();
             for _ in 0..10_000 {
                 let (work, _) = r.take_work();
                 if work.is_empty() { break; }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use gantry_fleet::registry::{
-    Delivery, Device, Filter, Format, Health, Registry, RegistryError, format_time, now_ms,
+    Delivery, Device, Filter, FilterSpec, Format, Health, Registry, RegistryError, format_time,
+    now_ms,
 };
 
 mod exit {
@@ -98,6 +99,10 @@ pub enum RolloutCommand {
         window_tz: String,
         #[command(flatten)]
         ssh: SshArgs,
+        /// Also take in devices that match the filter later (registered or changed after
+        /// creation), as a wave of their own, until `rollout close`.
+        #[arg(long)]
+        dynamic: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -129,6 +134,13 @@ pub enum RolloutCommand {
     },
     /// Stops a rollout for good.
     Abort {
+        #[command(flatten)]
+        db: Db,
+        /// The rollout id.
+        id: String,
+    },
+    /// A dynamic rollout takes in no more devices: it completes once its waves have ended.
+    Close {
         #[command(flatten)]
         db: Db,
         /// The rollout id.
@@ -219,6 +231,7 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
             window_duration,
             window_tz,
             ssh,
+            dynamic,
             json,
         } => {
             let ssh = ssh.spec();
@@ -260,9 +273,10 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
                 start_at_ms,
                 window,
                 ssh,
+                filter: filter_spec(f),
+                dynamic,
             };
-            let f = filter(f)?;
-            let info = Rollouts::open(&db.db)?.create(&artifact, &f, spec)?;
+            let info = Rollouts::open(&db.db)?.create(&artifact, spec)?;
             if json {
                 json_line(&info)?;
             } else {
@@ -320,6 +334,12 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
                 .request(&id, "abort")
                 .map_err(not_found)?;
             println!("abort requested for {id}");
+        }
+        RolloutCommand::Close { db, id } => {
+            Rollouts::open(&db.db)?
+                .request(&id, "close")
+                .map_err(not_found)?;
+            println!("close requested for {id}");
         }
         RolloutCommand::Status { db, id, json } => {
             let info = Rollouts::open(&db.db)?
@@ -852,7 +872,9 @@ impl From<RegistryError> for Failure {
     fn from(e: RegistryError) -> Self {
         let code = match e {
             RegistryError::Invalid(_) | RegistryError::Exists(_) => exit::INVALID,
-            RegistryError::Database(_) | RegistryError::Io(_) => exit::ERROR,
+            RegistryError::Database(_) | RegistryError::Io(_) | RegistryError::Busy(_) => {
+                exit::ERROR
+            }
         };
         failure(code, e.to_string())
     }
@@ -898,22 +920,22 @@ fn format_arg(s: &str) -> Result<Format, Failure> {
     }
 }
 
-fn filter(args: FilterArgs) -> Result<Filter, Failure> {
-    let ago = |d: std::time::Duration| now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    Ok(Filter {
+fn filter_spec(args: FilterArgs) -> FilterSpec {
+    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    FilterSpec {
         tags: args.tags,
         group: args.group,
         location: args.location,
-        version: args
-            .version
-            .map(|v| {
-                semver::VersionReq::parse(&v)
-                    .map_err(|e| failure(exit::INVALID, format!("version requirement {v:?}: {e}")))
-            })
-            .transpose()?,
-        seen_since: args.seen_within.map(ago),
-        unseen_since: args.unseen_for.map(ago),
-    })
+        version: args.version,
+        seen_within_ms: args.seen_within.map(millis),
+        unseen_for_ms: args.unseen_for.map(millis),
+    }
+}
+
+fn filter(args: FilterArgs) -> Result<Filter, Failure> {
+    filter_spec(args)
+        .at(now_ms())
+        .map_err(|e| failure(exit::INVALID, e.to_string()))
 }
 
 fn print_device(d: &Device) {
