@@ -16,8 +16,11 @@
 //! - [`ssh`]: SSH delivery to one device (OpenSSH's `scp` and `ssh`, key authentication, host
 //!   keys checked against a known_hosts file).
 //!
-//! Not built yet: dynamic rollouts, the REST API and event stream, metrics.
+//! - [`api`]: the REST JSON API over the registry and rollouts, with a server-sent-events
+//!   stream of a rollout's trail.
+//! - [`metrics`]: `gantry_fleet_*` Prometheus metrics.
 
+pub mod api;
 pub mod artifact;
 pub mod delivery;
 pub mod metrics;

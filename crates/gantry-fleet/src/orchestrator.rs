@@ -311,15 +311,20 @@ impl Rollouts {
 
     /// The audit trail of `id`, in order.
     pub fn events(&self, id: &str) -> Result<Vec<Event>, RegistryError> {
+        self.events_after(id, 0)
+    }
+
+    /// The audit-trail entries of `id` after the sequence number `after`, in order.
+    pub fn events_after(&self, id: &str, after: i64) -> Result<Vec<Event>, RegistryError> {
         let mut stmt = self.conn.prepare(
             "SELECT e.seq, e.at_ms, e.change, e.detail, t.device_id
              FROM rollout_events e
              LEFT JOIN rollout_targets t
                  ON t.rollout_id = e.rollout_id
                 AND t.idx = json_extract(e.change, '$.index')
-             WHERE e.rollout_id = ?1 ORDER BY e.seq",
+             WHERE e.rollout_id = ?1 AND e.seq > ?2 ORDER BY e.seq",
         )?;
-        let rows = stmt.query_map([id], |r| {
+        let rows = stmt.query_map(params![id, after], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,

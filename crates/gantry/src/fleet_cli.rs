@@ -40,6 +40,10 @@ pub enum FleetCommand {
     /// failures, then waits for the device to report the new version (and, over HTTP, health);
     /// records the result in the registry.
     Push(PushArgs),
+    /// Serves the REST JSON API (devices, artifacts, rollouts, and a server-sent-events
+    /// stream of each rollout's trail) until SIGINT or SIGTERM; runs the rollouts started
+    /// through it and continues, at start, those left running.
+    Serve(ServeArgs),
     /// Runs N simulated devices, each on its own loopback address (127.1.0.1 onwards) and the
     /// same port, until SIGINT or SIGTERM; writes a registry import file for them.
     Simulate(SimulateArgs),
@@ -587,6 +591,125 @@ pub struct SimulateArgs {
 }
 
 /// `gantry fleet simulate`: runs until a signal; returns the exit code.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    db: Db,
+    /// Where the API listens.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8480")]
+    listen: std::net::SocketAddr,
+    /// Signs artifacts uploaded through the API (`POST /v1/artifacts`); without it uploads
+    /// are refused.
+    #[arg(long, value_name = "FILE")]
+    signing_key: Option<PathBuf>,
+    /// Serve /health, /ready and /metrics (`gantry_fleet_*`) here.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
+}
+
+/// `gantry fleet serve`; returns the exit code.
+pub async fn serve(args: ServeArgs) -> u8 {
+    exit_code(serve_inner(args).await.map(|()| exit::OK))
+}
+
+async fn serve_inner(args: ServeArgs) -> Result<(), Failure> {
+    use gantry_fleet::api::{ApiState, serve as serve_api};
+    let err = |what: &str, e: &dyn std::fmt::Display| failure(exit::ERROR, format!("{what}: {e}"));
+    // Fail fast on a database that cannot be opened.
+    drop(open(&args.db)?);
+    if let Some(key) = &args.signing_key {
+        gantry_fleet::artifact::read_signing_key(key)
+            .map_err(|e| failure(exit::INVALID, e.to_string()))?;
+    }
+    let telemetry =
+        gantry_runtime::telemetry::Metrics::new(crate::BUILD).map_err(|e| err("metrics", &e))?;
+    let metrics = std::sync::Arc::new(
+        gantry_fleet::metrics::FleetMetrics::register(telemetry.registry())
+            .map_err(|e| err("metrics", &e))?,
+    );
+    let state = std::sync::Arc::new(ApiState::new(
+        args.db.db.clone(),
+        args.signing_key.clone(),
+        Some(metrics),
+    ));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| err(&format!("cannot bind {}", args.listen), &e))?;
+    let bound = listener.local_addr().map_err(|e| err("listener", &e))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let admin = match args.admin {
+        None => None,
+        Some(addr) => {
+            let admin_listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| err(&format!("cannot bind the admin server to {addr}"), &e))?;
+            let admin_bound = admin_listener.local_addr().map_err(|e| err("admin", &e))?;
+            let readiness = gantry_runtime::admin::Readiness::default();
+            readiness.register("fleet").set_ready();
+            println!("admin listening on {admin_bound}");
+            Some(tokio::spawn(gantry_runtime::admin::serve(
+                admin_listener,
+                gantry_runtime::admin::AdminState {
+                    metrics: telemetry,
+                    readiness,
+                },
+                stop.clone(),
+            )))
+        }
+    };
+    println!("fleet API listening on {bound}");
+    match state.resume_running().await {
+        Ok(ids) => {
+            for id in ids {
+                println!("continuing rollout {id}");
+            }
+        }
+        Err(e) => tracing::warn!(error = ?e, "cannot list rollouts to continue"),
+    }
+    let gauges = {
+        let state = std::sync::Arc::clone(&state);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = state.refresh_metrics().await {
+                    tracing::warn!(error = ?e, "cannot refresh the registry gauges");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+        })
+    };
+    let signals = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = async {
+                    match term.as_mut() {
+                        Some(t) => { t.recv().await; }
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            stop.cancel();
+        })
+    };
+    let served = serve_api(listener, std::sync::Arc::clone(&state), stop.clone()).await;
+    stop.cancel();
+    // Running rollouts stop where they are; their trail says where, and a restart continues.
+    state.stop_all();
+    let _ = gauges.await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    signals.abort();
+    served.map_err(|e| err("API server", &e))
+}
+
 pub async fn simulate(args: SimulateArgs) -> u8 {
     exit_code(simulate_inner(args).await.map(|()| exit::OK))
 }
@@ -887,9 +1010,10 @@ pub fn run(command: FleetCommand) -> u8 {
         FleetCommand::Keys(command) => keys(command),
         FleetCommand::Artifacts(command) => artifacts(command),
         // Routed to `simulate` by the caller, which owns the runtime.
-        FleetCommand::Simulate(_) | FleetCommand::Push(_) | FleetCommand::Rollout(_) => {
-            Err(failure(exit::ERROR, "this command needs the runtime"))
-        }
+        FleetCommand::Simulate(_)
+        | FleetCommand::Push(_)
+        | FleetCommand::Rollout(_)
+        | FleetCommand::Serve(_) => Err(failure(exit::ERROR, "this command needs the runtime")),
     };
     exit_code(result.map(|()| exit::OK))
 }

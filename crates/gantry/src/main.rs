@@ -291,6 +291,9 @@ fn main() -> ExitCode {
         Command::Fleet(fleet_cli::FleetCommand::Rollout(command)) => {
             run(async move { Ok(fleet_cli::rollout(command).await) })
         }
+        Command::Fleet(fleet_cli::FleetCommand::Serve(args)) => {
+            run(async move { Ok(fleet_cli::serve(args).await) })
+        }
         Command::Fleet(fleet_cli::FleetCommand::Push(args)) => {
             run(async move { Ok(fleet_cli::push(args).await) })
         }

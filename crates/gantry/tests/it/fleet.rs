@@ -271,7 +271,7 @@ fn keys_sign_artifacts_that_verify_until_tampered() {
 }
 
 /// A free port on 127.0.0.1 (the simulator's devices use it on other loopback addresses).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -660,17 +660,17 @@ async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
 }
 
 /// A simulator child process, stopped (and its update count read) at the end.
-struct Sim {
+pub(crate) struct Sim {
     child: std::process::Child,
     stdout: std::io::BufReader<std::process::ChildStdout>,
-    csv: std::path::PathBuf,
+    pub(crate) csv: std::path::PathBuf,
     port: u16,
     /// Its first line: `simulating N devices (L listening, D dead) …`.
     started: String,
 }
 
 impl Sim {
-    fn start(dir: &std::path::Path, name: &str, args: &[&str]) -> Self {
+    pub(crate) fn start(dir: &std::path::Path, name: &str, args: &[&str]) -> Self {
         use std::io::BufRead as _;
         let csv = dir.join(format!("{name}.csv"));
         let port = free_port();
@@ -701,7 +701,7 @@ impl Sim {
     }
 
     /// Stops it; returns how many updates its devices applied.
-    fn stop(mut self) -> u64 {
+    pub(crate) fn stop(mut self) -> u64 {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap()),
             nix::sys::signal::Signal::SIGTERM,
@@ -725,12 +725,12 @@ impl Drop for Sim {
     }
 }
 
-fn json_of(out: &std::process::Output) -> Value {
+pub(crate) fn json_of(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
 }
 
 /// Keys, an artifact 2.0.0 and a registry in `dir`; returns the registry path.
-fn fleet_with_artifact(dir: &std::path::Path) -> String {
+pub(crate) fn fleet_with_artifact(dir: &std::path::Path) -> String {
     let run = |args: &[&str]| gantry().args(args).output().unwrap();
     let keys = dir.join("keys");
     assert!(

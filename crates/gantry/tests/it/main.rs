@@ -5,6 +5,7 @@
 mod bench;
 mod cli;
 mod fleet;
+mod fleet_api;
 mod fleet_ssh;
 mod jobs;
 mod observer;
