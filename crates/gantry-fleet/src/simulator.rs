@@ -2,6 +2,11 @@
 //! address (127.x.y.z, one port), so each is a separate connection and the local port range is
 //! not the limit.
 //!
+//! One socket listens for them all (the port on every address; connections to anything but a
+//! live device's loopback address are closed at once), and the address a connection arrived
+//! at says which device answers it — so a fleet of 100 000 devices costs open files only for
+//! the connections in use, not one listening socket per device.
+//!
 //! The protocol (the seed's): `POST /update` with the artifact as the body and headers
 //! `X-Device-ID`, `X-Artifact-Version`, `X-Artifact-SHA256`, `X-Artifact-Signature`; a device
 //! checks the id, the SHA-256 of the body and (when it has the fleet's public key) the Ed25519
@@ -10,7 +15,7 @@
 //! `{"version","updated_at","device_id"}`, `GET /health` 200 `{"status":"ok"}`.
 //!
 //! Failure injection, chosen per device or per request from a seeded generator: `dead` devices
-//! never listen; `reject` devices refuse every update with 409; `flaky` devices answer 503 to
+//! close every connection at once; `reject` devices refuse every update with 409; `flaky` devices answer 503 to
 //! their first two update attempts; `fail_rate` makes any update answer 500; `latency` delays
 //! every answer.
 
@@ -21,16 +26,18 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::{IncomingStream, Listener};
 use axum::{Json, Router};
 use ed25519_dalek::VerifyingKey;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::artifact::unhex;
@@ -71,6 +78,16 @@ pub fn device_ip(index: u32) -> Ipv4Addr {
     Ipv4Addr::new(127, b, c, host)
 }
 
+/// The index of the device at `ip` (the inverse of [`device_ip`]), if it is one's address.
+pub fn device_index(ip: Ipv4Addr) -> Option<u32> {
+    let [a, b, c, host] = ip.octets();
+    if a != 127 || b == 0 || host == 0 || host == 255 {
+        return None;
+    }
+    let block = (u32::from(b) - 1) * 256 + u32::from(c);
+    Some(block * 254 + u32::from(host) - 1)
+}
+
 /// The id of device `index`.
 pub fn device_id(index: u32) -> String {
     format!("sim-{index:06}")
@@ -93,6 +110,8 @@ struct Device {
 
 struct Shared {
     spec: SimSpec,
+    /// Every device, dead ones included, by index.
+    devices: Vec<Arc<Device>>,
     rng: Mutex<StdRng>,
     /// Updates applied, across devices.
     applied: AtomicU64,
@@ -113,7 +132,7 @@ pub struct SimStats {
 pub struct Simulation {
     shared: Arc<Shared>,
     stop: CancellationToken,
-    tasks: tokio::task::JoinSet<()>,
+    server: tokio::task::JoinHandle<()>,
     listening: u32,
     dead: u32,
     /// (device id, address) of every device, dead ones included.
@@ -121,17 +140,11 @@ pub struct Simulation {
 }
 
 impl Simulation {
-    /// Binds every live device and starts serving.
+    /// Binds the fleet's port and starts serving every live device.
     pub async fn start(spec: SimSpec) -> std::io::Result<Self> {
         let mut rng = StdRng::seed_from_u64(spec.seed);
-        let shared = Arc::new(Shared {
-            rng: Mutex::new(StdRng::seed_from_u64(spec.seed.wrapping_add(1))),
-            spec: spec.clone(),
-            applied: AtomicU64::new(0),
-        });
-        let stop = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
         let mut devices = Vec::with_capacity(spec.devices as usize);
+        let mut all = Vec::with_capacity(spec.devices as usize);
         let (mut listening, mut dead) = (0, 0);
         for index in 0..spec.devices {
             let roll: f64 = rng.random();
@@ -146,45 +159,62 @@ impl Simulation {
             };
             let addr = SocketAddr::V4(SocketAddrV4::new(device_ip(index), spec.port));
             let id = device_id(index);
-            devices.push((id.clone(), addr));
+            all.push((id.clone(), addr));
             if kind == Kind::Dead {
                 dead += 1;
-                continue;
+            } else {
+                listening += 1;
             }
-            let listener = TcpListener::bind(addr).await.map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("device {id} cannot listen on {addr}: {e}"),
-                )
-            })?;
-            let device = Arc::new(Device {
+            devices.push(Arc::new(Device {
                 id,
                 kind,
                 version: Mutex::new((spec.initial_version.clone(), now_ms())),
                 attempts: AtomicU32::new(0),
-            });
-            let app = Router::new()
-                .route("/update", post(update))
-                .route("/version", get(version))
-                .route("/health", get(health))
-                // Artifacts are firmware images: no 2 MiB default cap on the body.
-                .layer(axum::extract::DefaultBodyLimit::disable())
-                .with_state((Arc::clone(&shared), device));
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-            });
-            listening += 1;
+            }));
         }
+        let shared = Arc::new(Shared {
+            rng: Mutex::new(StdRng::seed_from_u64(spec.seed.wrapping_add(1))),
+            spec: spec.clone(),
+            devices,
+            applied: AtomicU64::new(0),
+        });
+        let bind = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, spec.port));
+        let inner = TcpListener::bind(bind).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("the simulated fleet cannot listen on {bind}: {e}"),
+            )
+        })?;
+        let listener = FleetListener {
+            inner,
+            shared: Arc::clone(&shared),
+        };
+        let app = Router::new()
+            .route("/update", post(update))
+            .route("/version", get(version))
+            .route("/health", get(health))
+            // Artifacts are firmware images: no 2 MiB default cap on the body.
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(Arc::clone(&shared));
+        let stop = CancellationToken::new();
+        let server = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<DeviceConn>(),
+                )
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            })
+        };
         Ok(Self {
             shared,
             stop,
-            tasks,
+            server,
             listening,
             dead,
-            devices,
+            devices: all,
         })
     }
 
@@ -211,13 +241,77 @@ impl Simulation {
     }
 
     /// Stops every device.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
         self.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        let _ = self.server.await;
     }
 }
 
-type DeviceState = State<(Arc<Shared>, Arc<Device>)>;
+/// The device a connection is for: the index of the loopback address it arrived at.
+#[derive(Debug, Clone, Copy)]
+struct DeviceConn(usize);
+
+impl Connected<IncomingStream<'_, FleetListener>> for DeviceConn {
+    fn connect_info(stream: IncomingStream<'_, FleetListener>) -> Self {
+        *stream.remote_addr()
+    }
+}
+
+/// The fleet's one listening socket: hands over connections to live devices' addresses and
+/// closes the others.
+struct FleetListener {
+    inner: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Listener for FleetListener {
+    type Io = TcpStream;
+    type Addr = DeviceConn;
+
+    async fn accept(&mut self) -> (TcpStream, DeviceConn) {
+        loop {
+            let stream = match self.inner.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    // Out of files or a connection reset before accept: try again shortly.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let device = match stream.local_addr() {
+                Ok(SocketAddr::V4(local)) => device_index(*local.ip())
+                    .and_then(|i| usize::try_from(i).ok())
+                    .filter(|&i| {
+                        self.shared
+                            .devices
+                            .get(i)
+                            .is_some_and(|d| d.kind != Kind::Dead)
+                    }),
+                _ => None,
+            };
+            if let Some(index) = device {
+                let _ = stream.set_nodelay(true);
+                return (stream, DeviceConn(index));
+            }
+            // Not a live device's address: closed at once.
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<DeviceConn> {
+        Err(std::io::Error::other(
+            "the fleet's listener serves many device addresses, not one",
+        ))
+    }
+}
+
+type DeviceState = State<Arc<Shared>>;
+type Conn = ConnectInfo<DeviceConn>;
+
+impl Shared {
+    fn device(&self, conn: DeviceConn) -> &Device {
+        &self.devices[conn.0]
+    }
+}
 
 fn refuse(status: StatusCode, error: impl Into<String>) -> Response {
     (
@@ -231,7 +325,13 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn update(State((shared, device)): DeviceState, headers: HeaderMap, body: Bytes) -> Response {
+async fn update(
+    State(shared): DeviceState,
+    ConnectInfo(conn): Conn,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let device = shared.device(conn);
     let spec = &shared.spec;
     if !spec.latency.is_zero() {
         tokio::time::sleep(spec.latency).await;
@@ -289,7 +389,8 @@ async fn update(State((shared, device)): DeviceState, headers: HeaderMap, body: 
     Json(json!({ "success": true, "device_id": device.id, "version": version })).into_response()
 }
 
-async fn version(State((shared, device)): DeviceState) -> Response {
+async fn version(State(shared): DeviceState, ConnectInfo(conn): Conn) -> Response {
+    let device = shared.device(conn);
     if !shared.spec.latency.is_zero() {
         tokio::time::sleep(shared.spec.latency).await;
     }
@@ -306,14 +407,14 @@ async fn version(State((shared, device)): DeviceState) -> Response {
     .into_response()
 }
 
-async fn health(State((shared, _)): DeviceState) -> Response {
+async fn health(State(shared): DeviceState) -> Response {
     if !shared.spec.latency.is_zero() {
         tokio::time::sleep(shared.spec.latency).await;
     }
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// Raises the open-file limit to its hard maximum (each device is a listening socket); returns
+/// Raises the open-file limit to its hard maximum (each connection is a file); returns
 /// the limit now in force.
 pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -346,5 +447,10 @@ mod tests {
         }
         assert_eq!(device_ip(0), Ipv4Addr::new(127, 1, 0, 1));
         assert_eq!(device_ip(254), Ipv4Addr::new(127, 1, 1, 1));
+        for i in [0, 1, 253, 254, 65_023, 65_024, 99_999, 1_000_000] {
+            assert_eq!(device_index(device_ip(i)), Some(i));
+        }
+        assert_eq!(device_index(Ipv4Addr::new(127, 0, 0, 1)), None);
+        assert_eq!(device_index(Ipv4Addr::new(10, 1, 0, 1)), None);
     }
 }

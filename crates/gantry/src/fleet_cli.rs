@@ -200,6 +200,65 @@ fn print_rollout(r: &gantry_fleet::orchestrator::RolloutInfo) {
     );
 }
 
+/// A running rollout's progress on stderr: a bar on a terminal, a line a second otherwise,
+/// nothing with `--json`.
+enum Progress {
+    Quiet,
+    Bar(indicatif::ProgressBar),
+    Lines(Option<std::time::Instant>),
+}
+
+impl Progress {
+    fn new(json: bool) -> Self {
+        use std::io::IsTerminal as _;
+        if json {
+            Progress::Quiet
+        } else if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta}) {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Progress::Bar(bar)
+        } else {
+            Progress::Lines(None)
+        }
+    }
+
+    fn show(&mut self, info: &gantry_fleet::orchestrator::RolloutInfo) {
+        let d = info.devices;
+        let ended = d.succeeded + d.failed + d.rejected;
+        let counts = format!(
+            "{} succeeded, {} failed, {} rejected",
+            d.succeeded, d.failed, d.rejected
+        );
+        match self {
+            Progress::Quiet => {}
+            Progress::Bar(bar) => {
+                bar.set_prefix(info.id.clone());
+                bar.set_length(info.targets);
+                bar.set_position(ended);
+                bar.set_message(counts);
+            }
+            Progress::Lines(last) => {
+                let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+                if due || ended == info.targets {
+                    *last = Some(std::time::Instant::now());
+                    eprintln!("{}: {ended}/{} done ({counts})", info.id, info.targets);
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish();
+        }
+    }
+}
+
 /// `gantry fleet rollout …`; returns the exit code.
 pub async fn rollout(command: RolloutCommand) -> u8 {
     exit_code(rollout_inner(command).await)
@@ -292,24 +351,12 @@ async fn rollout_inner(command: RolloutCommand) -> Result<u8, Failure> {
         }
         RolloutCommand::Start { db, id, json } => {
             let mut rollouts = Rollouts::open(&db.db)?;
-            let quiet = json;
+            let mut progress = Progress::new(json);
             let info = rollouts
-                .run(&id, |info| {
-                    if !quiet {
-                        let d = info.devices;
-                        eprintln!(
-                            "{}: {}/{} done ({} succeeded, {} failed, {} rejected)",
-                            info.id,
-                            d.succeeded + d.failed + d.rejected,
-                            info.targets,
-                            d.succeeded,
-                            d.failed,
-                            d.rejected
-                        );
-                    }
-                })
+                .run(&id, |info| progress.show(info))
                 .await
                 .map_err(not_found)?;
+            progress.finish();
             if json {
                 json_line(&info)?;
             } else {

@@ -539,7 +539,8 @@ async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
         .status
         .success()
     );
-    let gone = format!("127.1.0.200:{port}");
+    // Nothing listens there (the simulator answers on its own port only).
+    let gone = format!("127.1.0.200:{}", free_port());
     assert!(
         run(&[
             "fleet",
