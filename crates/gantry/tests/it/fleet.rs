@@ -525,7 +525,7 @@ async fn push_retries_transient_failures_never_refusals_and_gates_on_health() {
             keys.join("fleet-signing.pub").to_str().unwrap(),
         ],
     );
-    let (port, sim_file, line) = (sim.port, sim.csv.clone(), sim.started.clone());
+    let (sim_file, line) = (sim.csv.clone(), sim.started.clone());
     assert!(line.starts_with("simulating 3 devices"), "{line}");
     assert!(
         run(&[
