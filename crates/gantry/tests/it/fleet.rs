@@ -665,7 +665,6 @@ pub(crate) struct Sim {
     child: std::process::Child,
     stdout: std::io::BufReader<std::process::ChildStdout>,
     pub(crate) csv: std::path::PathBuf,
-    port: u16,
     /// Its first line: `simulating N devices (L listening, D dead) …`.
     started: String,
 }
@@ -696,7 +695,6 @@ impl Sim {
             child,
             stdout,
             csv,
-            port,
             started: line,
         }
     }
