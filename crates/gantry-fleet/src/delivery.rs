@@ -89,30 +89,32 @@ enum Attempt {
     Refused(u16, String),
 }
 
-/// Pushes `artifact` to the device `device_id` at `address` (`host:port`).
+/// The HTTP client pushes share: one per rollout (or push command). Its pool keeps at most
+/// one idle connection per device address, so a device's push, version and health requests
+/// reuse one connection, and closes it soon after the device is done. Built once because
+/// building a client (its TLS settings and root certificates) costs more than a push.
+pub fn client(options: &PushOptions) -> Result<reqwest::Client, String> {
+    // Per connect and per read, not per request: a large artifact's upload may take longer
+    // than the timeout as long as it keeps moving.
+    reqwest::Client::builder()
+        .connect_timeout(options.request_timeout)
+        .read_timeout(options.request_timeout)
+        .pool_max_idle_per_host(1)
+        .pool_idle_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+}
+
+/// Pushes `artifact` to the device `device_id` at `address` (`host:port`) with `client`
+/// (from [`client`]).
 pub async fn push(
+    client: &reqwest::Client,
     device_id: &str,
     address: &str,
     artifact: &Artifact,
     options: &PushOptions,
 ) -> Outcome {
-    // Per connect and per read, not per request: a large artifact's upload may take longer
-    // than the timeout as long as it keeps moving.
-    let client = match reqwest::Client::builder()
-        .connect_timeout(options.request_timeout)
-        .read_timeout(options.request_timeout)
-        .pool_max_idle_per_host(1)
-        .tcp_nodelay(true)
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            return Outcome::Failed {
-                attempts: 0,
-                error: format!("cannot build an HTTP client: {e}"),
-            };
-        }
-    };
     let base = if address.contains("://") {
         address.trim_end_matches('/').to_owned()
     } else {
@@ -122,7 +124,7 @@ pub async fn push(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        match attempt(&client, &base, device_id, artifact).await {
+        match attempt(client, &base, device_id, artifact).await {
             Attempt::Accepted => break,
             Attempt::Refused(status, error) => {
                 return Outcome::Rejected {
@@ -141,7 +143,7 @@ pub async fn push(
     let gate_started = Instant::now();
     let deadline = gate_started + options.gate_timeout;
     loop {
-        let reason = match gate(&client, &base, &artifact.version).await {
+        let reason = match gate(client, &base, &artifact.version).await {
             Ok(()) => {
                 return Outcome::Delivered {
                     attempts,
@@ -178,7 +180,9 @@ async fn attempt(
             ));
         }
     };
-    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+    // 64 KiB reads: each read is a trip to the blocking pool.
+    let body =
+        reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024));
     let sent = client
         .post(format!("{base}/update"))
         .header("Content-Type", "application/octet-stream")
@@ -243,8 +247,11 @@ async fn gate(client: &reqwest::Client, base: &str, version: &str) -> Result<(),
             body["version"]
         ));
     }
+    // The device's last request: its connection is closed after it rather than kept idle in
+    // the pool (100 000 idle connections would hold memory and files for nothing).
     let health = client
         .get(format!("{base}/health"))
+        .header(reqwest::header::CONNECTION, "close")
         .send()
         .await
         .map_err(|e| format!("GET /health: {}", describe(&e)))?;

@@ -297,7 +297,16 @@ impl Rollouts {
                 *s = state;
             }
         }
-        let devices = counts(&states);
+        let mut devices = DeviceCounts::default();
+        for s in states {
+            match s {
+                DeviceState::Pending => devices.pending += 1,
+                DeviceState::InFlight | DeviceState::Unknown => devices.in_flight += 1,
+                DeviceState::Succeeded => devices.succeeded += 1,
+                DeviceState::Failed => devices.failed += 1,
+                DeviceState::Rejected => devices.rejected += 1,
+            }
+        }
         Ok(Some(RolloutInfo {
             id: id.to_owned(),
             artifact,
@@ -535,6 +544,7 @@ impl Rollouts {
         let spec = info.spec.clone();
         let options = spec.push_options().map_err(RegistryError::Invalid)?;
         let ssh = spec.ssh.as_ref().map(|s| s.options(&options));
+        let client = delivery::client(&options).map_err(RegistryError::Io)?;
         let window = spec
             .window
             .as_ref()
@@ -602,6 +612,9 @@ impl Rollouts {
         let mut renewed = std::time::Instant::now();
         let mut polled: Option<std::time::Instant> = None;
         let mut in_flight: JoinSet<(usize, Outcome, String, Option<Health>)> = JoinSet::new();
+        // Trail entries not written yet: outcomes, requests applied, devices started. They are
+        // written together, in one transaction (one fsync), before any new push starts.
+        let mut unwritten: Vec<Entry> = Vec::new();
         loop {
             if renewed.elapsed() >= LEASE / 3 {
                 blocking(|| self.renew(id, me))?;
@@ -621,13 +634,11 @@ impl Rollouts {
                     _ => rollout.abort("aborted by request"),
                 };
                 if let Ok(changes) = changes {
-                    self.append(id, &changes, Some(&request), rollout.phase(), None)?;
-                }
-            }
-            if rollout.phase() == Phase::Paused && in_flight.is_empty() {
-                // Nothing more will happen until a resume.
-                if let Some(info) = self.info(id)? {
-                    return Ok(info);
+                    unwritten.push(Entry {
+                        changes,
+                        detail: Some(request),
+                        seen: None,
+                    });
                 }
             }
             // Before the scheduled start, or outside the maintenance window, nothing new starts.
@@ -640,9 +651,36 @@ impl Rollouts {
                 rollout.take_work()
             };
             if !changes.is_empty() {
+                unwritten.push(Entry {
+                    changes,
+                    detail: None,
+                    seen: None,
+                });
+            }
+            if !unwritten.is_empty() {
                 // Written before any push starts.
                 let phase = rollout.phase();
-                blocking(|| self.append(id, &changes, None, phase, None))?;
+                blocking(|| self.append_many(id, &unwritten, phase))?;
+                unwritten.clear();
+                let now = RolloutInfo {
+                    id: id.to_owned(),
+                    artifact: info.artifact.clone(),
+                    spec: spec.clone(),
+                    targets: targets.len() as u64,
+                    phase: phase_name(phase).to_owned(),
+                    requested: None,
+                    devices: counts(rollout.tally()),
+                };
+                if let Some(m) = &self.metrics {
+                    m.record_progress(&now);
+                }
+                progress(&now);
+            }
+            if rollout.phase() == Phase::Paused && in_flight.is_empty() {
+                // Nothing more will happen until a resume.
+                if let Some(info) = self.info(id)? {
+                    return Ok(info);
+                }
             }
             for w in work {
                 let (index, check) = match w {
@@ -654,6 +692,7 @@ impl Rollouts {
                 let options = options.clone();
                 let ssh = ssh.clone();
                 let metrics = self.metrics.clone();
+                let client = client.clone();
                 in_flight.spawn(async move {
                     let ssh = match (kind, ssh) {
                         (crate::registry::Delivery::Ssh, Some(ssh)) => Some(ssh),
@@ -666,14 +705,16 @@ impl Rollouts {
                     if check {
                         let (outcome, detail) = match &ssh {
                             Some(ssh) => check_ssh_device(&address, &artifact.version, ssh).await,
-                            None => check_device(&address, &artifact.version).await,
+                            None => check_device(&client, &address, &artifact.version).await,
                         };
                         let health = (outcome == Outcome::Succeeded).then_some(Health::Healthy);
                         return (index, outcome, detail, health);
                     }
                     let result = match &ssh {
                         Some(ssh) => crate::ssh::push(&device, &address, &artifact, ssh).await,
-                        None => delivery::push(&device, &address, &artifact, &options).await,
+                        None => {
+                            delivery::push(&client, &device, &address, &artifact, &options).await
+                        }
                     };
                     if let Some(m) = &metrics {
                         m.record_push(&result);
@@ -712,7 +753,6 @@ impl Rollouts {
             while let Some(more) = in_flight.try_join_next() {
                 ready.push(Some(more));
             }
-            let mut entries = Vec::with_capacity(ready.len());
             for joined in ready {
                 let Some(Ok((index, outcome, detail, health))) = joined else {
                     continue;
@@ -722,27 +762,12 @@ impl Rollouts {
                     .map_err(|e| RegistryError::Invalid(e.to_string()))?;
                 let device = targets[index].0.clone();
                 let version = (outcome == Outcome::Succeeded).then(|| artifact.version.clone());
-                entries.push(Entry {
+                unwritten.push(Entry {
                     changes,
                     detail: Some(detail),
                     seen: health.map(|h| (device, version, h)),
                 });
             }
-            let phase = rollout.phase();
-            blocking(|| self.append_many(id, &entries, phase))?;
-            let now = RolloutInfo {
-                id: id.to_owned(),
-                artifact: info.artifact.clone(),
-                spec: spec.clone(),
-                targets: targets.len() as u64,
-                phase: phase_name(phase).to_owned(),
-                requested: None,
-                devices: counts(rollout.devices()),
-            };
-            if let Some(m) = &self.metrics {
-                m.record_progress(&now);
-            }
-            progress(&now);
         }
         self.info(id)?
             .ok_or_else(|| corrupt(format!("rollout {id} vanished")))
@@ -839,18 +864,15 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn counts(states: &[DeviceState]) -> DeviceCounts {
-    let mut devices = DeviceCounts::default();
-    for s in states {
-        match s {
-            DeviceState::Pending => devices.pending += 1,
-            DeviceState::InFlight | DeviceState::Unknown => devices.in_flight += 1,
-            DeviceState::Succeeded => devices.succeeded += 1,
-            DeviceState::Failed => devices.failed += 1,
-            DeviceState::Rejected => devices.rejected += 1,
-        }
+fn counts(t: crate::rollout::Tally) -> DeviceCounts {
+    let n = |v: usize| v as u64;
+    DeviceCounts {
+        pending: n(t.pending),
+        in_flight: n(t.in_flight + t.unknown),
+        succeeded: n(t.succeeded),
+        failed: n(t.failed),
+        rejected: n(t.rejected),
     }
-    devices
 }
 
 fn phase_name(p: Phase) -> &'static str {
@@ -880,15 +902,13 @@ async fn check_ssh_device(
     }
 }
 
-async fn check_device(address: &str, version: &str) -> (Outcome, String) {
+async fn check_device(client: &reqwest::Client, address: &str, version: &str) -> (Outcome, String) {
     let url = format!("http://{address}/version");
-    let client = reqwest::Client::builder()
+    let answer = client
+        .get(&url)
         .timeout(Duration::from_secs(10))
-        .build();
-    let answer = match client {
-        Ok(c) => c.get(&url).send().await,
-        Err(e) => return (Outcome::NotYet, format!("check: {e}")),
-    };
+        .send()
+        .await;
     match answer {
         Ok(r) => match r.json::<serde_json::Value>().await {
             Ok(v) if v["version"].as_str() == Some(version) => (

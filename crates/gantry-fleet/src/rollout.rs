@@ -50,6 +50,34 @@ impl DeviceState {
     fn failed(self) -> bool {
         matches!(self, DeviceState::Failed | DeviceState::Rejected)
     }
+
+    fn slot(self) -> usize {
+        match self {
+            DeviceState::Pending => 0,
+            DeviceState::InFlight => 1,
+            DeviceState::Succeeded => 2,
+            DeviceState::Failed => 3,
+            DeviceState::Rejected => 4,
+            DeviceState::Unknown => 5,
+        }
+    }
+}
+
+/// Device counts by state, kept as states change (no scan of the devices).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Not started.
+    pub pending: usize,
+    /// In flight.
+    pub in_flight: usize,
+    /// Succeeded.
+    pub succeeded: usize,
+    /// Failed.
+    pub failed: usize,
+    /// Rejected.
+    pub rejected: usize,
+    /// In flight at a crash, to be checked.
+    pub unknown: usize,
 }
 
 /// The rollout as a whole.
@@ -151,6 +179,14 @@ pub struct Rollout {
     /// Dynamic and not closed: when its waves have ended it waits for devices to join
     /// instead of completing.
     open: bool,
+    /// Devices by state (`DeviceState::slot`).
+    tally: [usize; 6],
+    /// In the current wave: every device before this index has been started or has ended.
+    cursor: usize,
+    /// Devices of the current wave without an outcome.
+    wave_open: usize,
+    /// Devices of the current wave that failed or were rejected.
+    wave_failed: usize,
 }
 
 impl Rollout {
@@ -182,7 +218,12 @@ impl Rollout {
             threshold_percent,
             concurrency: concurrency.max(1),
             open: dynamic,
+            tally: [targets, 0, 0, 0, 0, 0],
+            cursor: 0,
+            wave_open: 0,
+            wave_failed: 0,
         };
+        r.open_wave();
         let mut changes = vec![Change::WaveOpened { wave: 0 }];
         r.settle(&mut changes);
         Ok((r, changes))
@@ -208,6 +249,53 @@ impl Rollout {
         &self.devices
     }
 
+    /// Device counts by state.
+    pub fn tally(&self) -> Tally {
+        let t = self.tally;
+        Tally {
+            pending: t[0],
+            in_flight: t[1],
+            succeeded: t[2],
+            failed: t[3],
+            rejected: t[4],
+            unknown: t[5],
+        }
+    }
+
+    /// Sets device `index`'s state, keeping the counts.
+    fn set(&mut self, index: usize, new: DeviceState) {
+        let old = self.devices[index];
+        self.devices[index] = new;
+        self.tally[old.slot()] -= 1;
+        self.tally[new.slot()] += 1;
+        if self
+            .waves
+            .get(self.wave)
+            .is_some_and(|r| r.contains(&index))
+        {
+            if !old.ended() && new.ended() {
+                self.wave_open -= 1;
+                if new.failed() {
+                    self.wave_failed += 1;
+                }
+            }
+            if matches!(new, DeviceState::Pending | DeviceState::Unknown) {
+                self.cursor = self.cursor.min(index);
+            }
+        }
+    }
+
+    /// Takes the counts of the current wave (once per wave).
+    fn open_wave(&mut self) {
+        let Some(range) = self.waves.get(self.wave).cloned() else {
+            return;
+        };
+        let states = &self.devices[range.clone()];
+        self.wave_open = states.iter().filter(|s| !s.ended()).count();
+        self.wave_failed = states.iter().filter(|s| s.failed()).count();
+        self.cursor = range.start;
+    }
+
     /// Whether devices may still join.
     pub fn is_open(&self) -> bool {
         self.open && !matches!(self.phase, Phase::Aborted | Phase::Completed)
@@ -226,6 +314,7 @@ impl Rollout {
         self.add(count);
         if self.wave == self.waves.len() - 1 {
             // It was waiting past its last wave: the new one opens now.
+            self.open_wave();
             changes.push(Change::WaveOpened { wave: self.wave });
         }
         Ok(changes)
@@ -235,6 +324,7 @@ impl Rollout {
         let start = self.devices.len();
         self.devices
             .extend(std::iter::repeat_n(DeviceState::Pending, count));
+        self.tally[DeviceState::Pending.slot()] += count;
         self.waves.push(start..start + count);
     }
 
@@ -250,10 +340,7 @@ impl Rollout {
     }
 
     fn in_flight(&self) -> usize {
-        self.devices
-            .iter()
-            .filter(|s| **s == DeviceState::InFlight)
-            .count()
+        self.tally[DeviceState::InFlight.slot()]
     }
 
     /// Work to start now, at most up to the concurrency limit; each is marked in flight
@@ -268,23 +355,27 @@ impl Rollout {
         let Some(range) = self.waves.get(self.wave).cloned() else {
             return (work, changes);
         };
-        for index in range {
-            if free == 0 {
-                break;
-            }
+        // Everything before the cursor has been started or has ended.
+        let mut index = self.cursor.max(range.start);
+        while index < range.end && free > 0 {
             let item = match self.devices[index] {
                 DeviceState::Pending => Work::Push(index),
                 DeviceState::Unknown => Work::Check(index),
-                _ => continue,
+                _ => {
+                    index += 1;
+                    continue;
+                }
             };
-            self.devices[index] = DeviceState::InFlight;
+            self.set(index, DeviceState::InFlight);
             changes.push(Change::Device {
                 index,
                 state: DeviceState::InFlight,
             });
             work.push(item);
             free -= 1;
+            index += 1;
         }
+        self.cursor = index;
         (work, changes)
     }
 
@@ -303,7 +394,7 @@ impl Rollout {
             Outcome::Rejected => DeviceState::Rejected,
             Outcome::NotYet => DeviceState::Pending,
         };
-        self.devices[index] = new;
+        self.set(index, new);
         let mut changes = vec![Change::Device { index, state: new }];
         self.settle(&mut changes);
         Ok(changes)
@@ -324,11 +415,10 @@ impl Rollout {
                 });
                 return;
             };
-            let states = &self.devices[range.clone()];
-            if !states.iter().all(|s| s.ended()) {
+            if self.wave_open > 0 {
                 return;
             }
-            let failed = states.iter().filter(|s| s.failed()).count();
+            let failed = self.wave_failed;
             if waves::judge(failed, range.len(), self.threshold_percent) == Verdict::Abort {
                 self.phase = Phase::Aborted;
                 changes.push(Change::Phase {
@@ -344,6 +434,7 @@ impl Rollout {
             }
             self.wave += 1;
             if self.wave < self.waves.len() {
+                self.open_wave();
                 changes.push(Change::WaveOpened { wave: self.wave });
             }
         }
@@ -434,6 +525,11 @@ impl Rollout {
                 *d = DeviceState::Unknown;
             }
         }
+        r.tally = [0; 6];
+        for d in &r.devices {
+            r.tally[d.slot()] += 1;
+        }
+        r.open_wave();
         Ok(r)
     }
 }
@@ -657,6 +753,12 @@ mod tests {
                         prop_assert!(r.devices().iter().all(|s| *s != DeviceState::InFlight));
                     }
                 }
+                // The kept counts match a recount.
+                let mut recount = [0usize; 6];
+                for d in &r.devices {
+                    recount[d.slot()] += 1;
+                }
+                prop_assert_eq!(r.tally, recount);
                 // Waves never run ahead of an unfinished one.
                 for w in 0..r.wave().min(r.waves.len()) {
                     let range = r.waves[w].clone();

@@ -1136,3 +1136,93 @@ fn rollouts_wait_for_their_start_time_and_maintenance_window() {
     }
     drop(sim);
 }
+
+#[test]
+fn a_dynamic_rollout_takes_in_devices_registered_later_until_closed() {
+    let dir = temp_dir("fleet-dynamic");
+    let db = fleet_with_artifact(&dir);
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let sim = Sim::start(&dir, "dyn", &["--devices", "2"]);
+    let csv = std::fs::read_to_string(&sim.csv).unwrap();
+    let addresses: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap())
+        .collect();
+    let create = |extra: &[&str]| {
+        let mut args = vec![
+            "fleet",
+            "rollout",
+            "create",
+            "--db",
+            &db,
+            "--artifact",
+            "2.0.0",
+            "--tag",
+            "late",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    // A fixed rollout needs a device now; a dynamic one may wait for them.
+    let out = create(&[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no device matches"));
+    let id = json_of(&create(&["--dynamic"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let runner = gantry()
+        .args(["fleet", "rollout", "start", "--db", &db, &id, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = || {
+        json_of(&run(&[
+            "fleet", "rollout", "status", "--db", &db, &id, "--json",
+        ]))
+    };
+    let wait_for = |succeeded: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let s = status();
+            if s["devices"]["succeeded"] == succeeded {
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "stuck: {s}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    for (i, address) in addresses.iter().enumerate() {
+        let id = format!("sim-{i:06}");
+        let out = run(&[
+            "fleet",
+            "devices",
+            "add",
+            "--db",
+            &db,
+            "--id",
+            &id,
+            "--address",
+            address,
+            "--tag",
+            "late",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let s = wait_for(i as u64 + 1);
+        assert_eq!(s["phase"], "running", "waits for more: {s}");
+    }
+    let out = run(&["fleet", "rollout", "close", "--db", &db, &id]);
+    assert!(out.status.success(), "{out:?}");
+    let out = runner.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let done = json_of(&out);
+    assert_eq!(done["phase"], "completed");
+    assert_eq!(done["targets"], 2);
+    // Closing is for dynamic rollouts that have not finished.
+    let out = run(&["fleet", "rollout", "close", "--db", &db, &id]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(sim.stop(), 2);
+}
