@@ -170,8 +170,8 @@ async fn attempt(
     device_id: &str,
     artifact: &Artifact,
 ) -> Attempt {
-    let file = match tokio::fs::File::open(&artifact.path).await {
-        Ok(f) => f,
+    let body = match artifact_body(artifact).await {
+        Ok(b) => b,
         // The registry's own copy is unreadable: not the device's doing, so not a refusal.
         Err(e) => {
             return Attempt::Transient(format!(
@@ -180,9 +180,6 @@ async fn attempt(
             ));
         }
     };
-    // 64 KiB reads: each read is a trip to the blocking pool.
-    let body =
-        reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024));
     let sent = client
         .post(format!("{base}/update"))
         .header("Content-Type", "application/octet-stream")
@@ -226,6 +223,39 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         e.to_string()
     }
+}
+
+/// How much of the artifact one read takes.
+const CHUNK: usize = 64 * 1024;
+
+/// A fresh reader of the artifact's file, as a request body. Opening it and reading the first
+/// chunk is one trip to the blocking pool; an artifact that fits in it is sent from that
+/// chunk, a larger one streams the rest from the same open file.
+async fn artifact_body(artifact: &Artifact) -> std::io::Result<reqwest::Body> {
+    use std::io::Read as _;
+    use tokio_stream::StreamExt as _;
+    let path = artifact.path.clone();
+    let (file, first) = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&path)?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        while filled < CHUNK {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        buf.truncate(filled);
+        Ok::<_, std::io::Error>((file, buf))
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    if first.len() < CHUNK {
+        return Ok(reqwest::Body::from(first));
+    }
+    let rest = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), CHUNK);
+    let head = tokio_stream::once(Ok::<_, std::io::Error>(axum::body::Bytes::from(first)));
+    Ok(reqwest::Body::wrap_stream(head.chain(rest)))
 }
 
 async fn gate(client: &reqwest::Client, base: &str, version: &str) -> Result<(), String> {
