@@ -179,7 +179,15 @@ impl Simulation {
             applied: AtomicU64::new(0),
         });
         let bind = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, spec.port));
-        let inner = TcpListener::bind(bind).await.map_err(|e| {
+        // Every device's connections queue on this one socket: a deep accept queue, so bursts
+        // of connects are not dropped (and retried by the client a second later).
+        let inner = (|| {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(bind)?;
+            socket.listen(4096)
+        })()
+        .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("the simulated fleet cannot listen on {bind}: {e}"),
