@@ -1226,3 +1226,121 @@ fn a_dynamic_rollout_takes_in_devices_registered_later_until_closed() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(sim.stop(), 2);
 }
+
+#[test]
+fn a_thousand_device_rollout_with_five_percent_failing_records_and_retries_as_configured() {
+    let dir = temp_dir("fleet-1k");
+    let db = fleet_with_artifact(&dir);
+    let run = |args: &[&str]| gantry().args(args).output().unwrap();
+    let pubkey = dir.join("keys").join("fleet-signing.pub");
+    // 3 % dead, 2 % refusing: about 5 % fail; 5 % flaky (two 503s, then fine) succeed on retry.
+    let sim = Sim::start(
+        &dir,
+        "k",
+        &[
+            "--devices",
+            "1000",
+            "--dead",
+            "0.03",
+            "--reject",
+            "0.02",
+            "--flaky",
+            "0.05",
+            "--seed",
+            "11",
+            "--public-key",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        run(&[
+            "fleet",
+            "devices",
+            "import",
+            "--db",
+            &db,
+            sim.csv.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let created = json_of(&run(&[
+        "fleet",
+        "rollout",
+        "create",
+        "--db",
+        &db,
+        "--artifact",
+        "2.0.0",
+        "--canary",
+        "10%",
+        "--batch",
+        "300",
+        "--threshold",
+        "25",
+        "--concurrency",
+        "50",
+        "--attempts",
+        "3",
+        "--retry-delay",
+        "10ms",
+        "--json",
+    ]));
+    let id = created["id"].as_str().unwrap().to_owned();
+    let out = run(&["fleet", "rollout", "start", "--db", &db, &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let done = json_of(&out);
+    assert_eq!(done["phase"], "completed", "{done}");
+    let events = json_of(&run(&[
+        "fleet", "rollout", "events", "--db", &db, &id, "--json",
+    ]));
+    let (mut delivered, mut retried_then_delivered, mut failed, mut rejected) = (0, 0, 0, 0);
+    for e in events.as_array().unwrap() {
+        let state = e["change"]["state"].as_str().unwrap_or("");
+        if !matches!(state, "succeeded" | "failed" | "rejected") {
+            continue;
+        }
+        let detail: Value = serde_json::from_str(e["detail"].as_str().unwrap()).unwrap();
+        match (state, detail["outcome"].as_str().unwrap()) {
+            ("succeeded", "delivered") => {
+                delivered += 1;
+                if detail["attempts"] == 3 {
+                    retried_then_delivered += 1;
+                }
+            }
+            ("failed", "failed") => {
+                // Transient failures are retried until the attempts run out.
+                assert_eq!(detail["attempts"], 3, "{detail}");
+                failed += 1;
+            }
+            ("rejected", "rejected") => {
+                // A refusal is never retried.
+                assert_eq!(detail["attempts"], 1, "{detail}");
+                assert_eq!(detail["status"], 409, "{detail}");
+                rejected += 1;
+            }
+            other => panic!("unexpected {other:?}: {e}"),
+        }
+    }
+    assert_eq!(delivered + failed + rejected, 1000);
+    assert_eq!(done["devices"]["succeeded"], delivered);
+    assert_eq!(done["devices"]["failed"], failed);
+    assert_eq!(done["devices"]["rejected"], rejected);
+    let dead: u64 = sim
+        .started
+        .split(" listening, ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(failed, dead, "the dead devices, and only they, failed");
+    assert!(
+        (30..=70).contains(&(failed + rejected)),
+        "about 5 %: {failed} + {rejected}"
+    );
+    assert!(
+        retried_then_delivered >= 20,
+        "flaky devices retried: {retried_then_delivered}"
+    );
+    assert_eq!(sim.stop(), delivered);
+}
