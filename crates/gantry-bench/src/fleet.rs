@@ -145,8 +145,10 @@ async fn measure(args: &FleetBench, dir: &std::path::Path) -> anyhow::Result<ser
         .pool_max_idle_per_host(1)
         .pool_idle_timeout(Duration::from_secs(1))
         .build()?;
+    let cpu = cpu_seconds();
     let (before_ok, before_s) =
         baseline(&client, &devices, &body, &artifact, args.concurrency).await?;
+    let before_cpu = cpu_seconds() - cpu;
 
     // The rollout.
     let spec = RolloutSpec {
@@ -170,8 +172,10 @@ async fn measure(args: &FleetBench, dir: &std::path::Path) -> anyhow::Result<ser
     let info = rollouts.create("2.0.0", spec)?;
     let rss_before = memory(std::process::id()).map_or(0, |m| m.rss);
     let started = Instant::now();
+    let cpu = cpu_seconds();
     let done = rollouts.run(&info.id, |_| {}).await?;
     let rollout_s = started.elapsed().as_secs_f64();
+    let rollout_cpu = cpu_seconds() - cpu;
     let peak_rss = memory(std::process::id()).map_or(0, |m| m.hwm);
     let mut per_device = Vec::new();
     for e in rollouts.events(&info.id)? {
@@ -192,8 +196,10 @@ async fn measure(args: &FleetBench, dir: &std::path::Path) -> anyhow::Result<ser
 
     // The baseline again, after the rollout: the faster of its two runs is the one compared
     // (noise on a shared machine only ever slows a run down).
+    let cpu = cpu_seconds();
     let (after_ok, after_s) =
         baseline(&client, &devices, &body, &artifact, args.concurrency).await?;
+    let after_cpu = cpu_seconds() - cpu;
     drop(sim);
     let (baseline_ok, baseline_s) = if after_s < before_s {
         (after_ok, after_s)
@@ -223,12 +229,14 @@ async fn measure(args: &FleetBench, dir: &std::path::Path) -> anyhow::Result<ser
             "per_device_us": latency,
             "orchestrator_rss_before_bytes": rss_before,
             "orchestrator_peak_rss_bytes": peak_rss,
+            "orchestrator_cpu_seconds": rollout_cpu,
         },
         "baseline": {
             "succeeded": baseline_ok,
             "seconds": baseline_s,
             "devices_per_s": baseline_rate,
             "runs_seconds": [before_s, after_s],
+            "runs_cpu_seconds": [before_cpu, after_cpu],
         },
         "ratio": ratio,
         "min_ratio": args.min_ratio,
@@ -238,6 +246,15 @@ async fn measure(args: &FleetBench, dir: &std::path::Path) -> anyhow::Result<ser
 
 fn bytes_of(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// User + system CPU time of this process so far, in seconds.
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
 }
 
 /// Runs the baseline over `devices`; returns how many succeeded and the seconds it took.
@@ -319,7 +336,7 @@ fn render(r: &serde_json::Value) -> String {
          rollout   {} of {} succeeded ({} failed) in {:.2} s = {}\n  \
          per device (push + health gate) p50 {}  p95 {}  p99 {}  max {}\n  \
          baseline  {} of {} succeeded in {:.2} s = {} (the faster of {:.2} s before, {:.2} s after)\n  \
-         orchestrator RSS {} before, {} peak\n\
+         orchestrator RSS {} before, {} peak; CPU {:.2} s (baseline {:.2} s, {:.2} s)\n\
          {ok}  rollout / baseline devices/s  {:.2}  (>= {})\n{}\n",
         r["devices"],
         r["concurrency"],
@@ -349,6 +366,9 @@ fn render(r: &serde_json::Value) -> String {
                 .as_u64()
                 .unwrap_or(0)
         ),
+        f(&r["rollout"]["orchestrator_cpu_seconds"]),
+        f(&r["baseline"]["runs_cpu_seconds"][0]),
+        f(&r["baseline"]["runs_cpu_seconds"][1]),
         f(&r["ratio"]),
         r["min_ratio"],
         if r["passed"] == true {

@@ -410,11 +410,12 @@ impl Rollouts {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut seq: i64 = tx.query_row(
-            "SELECT COALESCE(max(seq), 0) + 1 FROM rollout_events WHERE rollout_id = ?1",
-            [id],
-            |r| r.get(0),
-        )?;
+        // Statements are cached: this runs for every few outcomes of a rollout.
+        let mut seq: i64 = tx
+            .prepare_cached(
+                "SELECT COALESCE(max(seq), 0) + 1 FROM rollout_events WHERE rollout_id = ?1",
+            )?
+            .query_row([id], |r| r.get(0))?;
         let now = now_ms();
         {
             let mut insert = tx.prepare_cached(
@@ -436,20 +437,17 @@ impl Rollouts {
                 }
             }
         }
-        tx.execute(
-            "UPDATE rollouts SET phase = ?2, updated_ms = ?3 WHERE id = ?1",
-            params![id, phase_name(phase), now],
-        )?;
+        tx.prepare_cached("UPDATE rollouts SET phase = ?2, updated_ms = ?3 WHERE id = ?1")?
+            .execute(params![id, phase_name(phase), now])?;
         tx.commit()?;
         Ok(())
     }
 
     fn take_request(&mut self, id: &str) -> Result<Option<String>, RegistryError> {
-        let requested: Option<String> =
-            self.conn
-                .query_row("SELECT requested FROM rollouts WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })?;
+        let requested: Option<String> = self
+            .conn
+            .prepare_cached("SELECT requested FROM rollouts WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))?;
         if requested.is_some() {
             self.conn
                 .execute("UPDATE rollouts SET requested = NULL WHERE id = ?1", [id])?;
@@ -542,8 +540,12 @@ impl Rollouts {
         mut progress: impl FnMut(&RolloutInfo),
     ) -> Result<RolloutInfo, RegistryError> {
         let spec = info.spec.clone();
-        let options = spec.push_options().map_err(RegistryError::Invalid)?;
-        let ssh = spec.ssh.as_ref().map(|s| s.options(&options));
+        // Shared by every push task, not copied into each.
+        let options = std::sync::Arc::new(spec.push_options().map_err(RegistryError::Invalid)?);
+        let ssh = spec
+            .ssh
+            .as_ref()
+            .map(|s| std::sync::Arc::new(s.options(&options)));
         let client = delivery::client(&options).map_err(RegistryError::Io)?;
         let window = spec
             .window
@@ -552,9 +554,10 @@ impl Rollouts {
             .transpose()
             .map_err(RegistryError::Invalid)?;
         let registry = Registry::open(&self.path)?;
-        let artifact: Artifact = registry
+        let artifact: std::sync::Arc<Artifact> = registry
             .artifact(&info.artifact)?
-            .ok_or_else(|| RegistryError::Invalid(format!("no artifact {}", info.artifact)))?;
+            .ok_or_else(|| RegistryError::Invalid(format!("no artifact {}", info.artifact)))?
+            .into();
         let mut targets: Vec<(String, String, crate::registry::Delivery)> = {
             let ids: Vec<String> = self
                 .conn
@@ -688,8 +691,8 @@ impl Rollouts {
                     Work::Check(i) => (i, true),
                 };
                 let (device, address, kind) = targets[index].clone();
-                let artifact = artifact.clone();
-                let options = options.clone();
+                let artifact = std::sync::Arc::clone(&artifact);
+                let options = std::sync::Arc::clone(&options);
                 let ssh = ssh.clone();
                 let metrics = self.metrics.clone();
                 let client = client.clone();
