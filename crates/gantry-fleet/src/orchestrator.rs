@@ -291,10 +291,20 @@ impl Rollouts {
         let targets = u64::try_from(targets).unwrap_or(0);
         let mut states = vec![DeviceState::Pending; usize::try_from(targets).unwrap_or(0)];
         for e in self.events(id)? {
-            if let Change::Device { index, state } = e.change
-                && let Some(s) = states.get_mut(index)
-            {
-                *s = state;
+            match e.change {
+                Change::Device { index, state } => {
+                    if let Some(s) = states.get_mut(index) {
+                        *s = state;
+                    }
+                }
+                Change::Started { indexes } => {
+                    for index in indexes {
+                        if let Some(s) = states.get_mut(index) {
+                            *s = DeviceState::InFlight;
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         let mut devices = DeviceCounts::default();

@@ -127,6 +127,12 @@ pub enum Change {
         /// The new state.
         state: DeviceState,
     },
+    /// Work started on these devices (pushes, or checks after a crash): one entry for all the
+    /// devices started together.
+    Started {
+        /// Their indexes in the targets.
+        indexes: Vec<usize>,
+    },
     /// A wave opened.
     WaveOpened {
         /// Its number (0 = canary).
@@ -356,6 +362,7 @@ impl Rollout {
             return (work, changes);
         };
         // Everything before the cursor has been started or has ended.
+        let mut started = Vec::new();
         let mut index = self.cursor.max(range.start);
         while index < range.end && free > 0 {
             let item = match self.devices[index] {
@@ -367,15 +374,15 @@ impl Rollout {
                 }
             };
             self.set(index, DeviceState::InFlight);
-            changes.push(Change::Device {
-                index,
-                state: DeviceState::InFlight,
-            });
+            started.push(index);
             work.push(item);
             free -= 1;
             index += 1;
         }
         self.cursor = index;
+        if !started.is_empty() {
+            changes.push(Change::Started { indexes: started });
+        }
         (work, changes)
     }
 
@@ -505,6 +512,13 @@ impl Rollout {
             Self::with_joining(targets, plan, threshold_percent, concurrency, dynamic)?;
         for change in trail {
             match change {
+                Change::Started { indexes } => {
+                    for index in indexes {
+                        if let Some(d) = r.devices.get_mut(*index) {
+                            *d = DeviceState::InFlight;
+                        }
+                    }
+                }
                 Change::Joined { count } => {
                     if *count > 0 {
                         r.add(*count);
