@@ -1,0 +1,9 @@
+//! Gantry search: a single-node Elasticsearch-compatible engine on tantivy.
+//!
+//! Owns mappings, the query DSL, shards (a tantivy index plus its translog), the index registry on
+//! disk and the ES REST API. It does not own process wiring (the `gantry` binary does that) nor any
+//! cluster concern yet (placement, replication).
+
+pub mod date;
+pub mod error;
+pub mod mapping;
