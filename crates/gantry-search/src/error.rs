@@ -33,6 +33,12 @@ pub enum ErrorKind {
     NoHandler,
     /// A new field under `dynamic: strict` (400).
     StrictDynamicMapping,
+    /// A query that cannot run against the mapping (400).
+    QueryShard,
+    /// A queue is full; retry later (429).
+    Rejected,
+    /// A request that fails validation (400).
+    ActionRequestValidation,
     /// A failure inside the engine (500); details go to the log, not the client.
     Internal,
 }
@@ -52,6 +58,9 @@ impl ErrorKind {
             Self::XContentParse => "x_content_parse_exception",
             Self::NoHandler => "no_handler_found_exception",
             Self::StrictDynamicMapping => "strict_dynamic_mapping_exception",
+            Self::Rejected => "es_rejected_execution_exception",
+            Self::QueryShard => "query_shard_exception",
+            Self::ActionRequestValidation => "action_request_validation_exception",
             Self::Internal => "exception",
         }
     }
@@ -62,6 +71,7 @@ impl ErrorKind {
             Self::IndexNotFound | Self::DocumentMissing => 404,
             Self::VersionConflict => 409,
             Self::Internal => 500,
+            Self::Rejected => 429,
             Self::NoHandler => 405,
             Self::Parsing
             | Self::IllegalArgument
@@ -69,7 +79,9 @@ impl ErrorKind {
             | Self::ResourceAlreadyExists
             | Self::InvalidIndexName
             | Self::XContentParse
-            | Self::StrictDynamicMapping => 400,
+            | Self::StrictDynamicMapping
+            | Self::ActionRequestValidation
+            | Self::QueryShard => 400,
         }
     }
 }

@@ -7,3 +7,8 @@
 pub mod date;
 pub mod error;
 pub mod mapping;
+pub mod node;
+pub mod query;
+pub mod search;
+pub mod shard;
+pub mod translog;
