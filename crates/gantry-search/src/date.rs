@@ -182,8 +182,15 @@ fn java_to_chrono(pattern: &str) -> Result<String, String> {
 }
 
 /// Evaluates a range bound: date math (`now`, `now-1d/d`, `2024-01-01||+1M`) or a date in
-/// `format`. `now` is a parameter so tests are deterministic.
-pub fn parse_bound(s: &str, format: Option<&str>, now: i64) -> Result<i64, String> {
+/// `format`. `now` is a parameter so tests are deterministic. With `round_up` (ES does this for
+/// `gt` and `lte`), a rounding `/unit` goes to the last millisecond of the unit instead of its
+/// first.
+pub fn parse_bound_rounding(
+    s: &str,
+    format: Option<&str>,
+    now: i64,
+    round_up: bool,
+) -> Result<i64, String> {
     let (anchor, math) = if let Some(rest) = s.strip_prefix("now") {
         (now, rest)
     } else if let Some((date, math)) = s.split_once("||") {
@@ -191,16 +198,24 @@ pub fn parse_bound(s: &str, format: Option<&str>, now: i64) -> Result<i64, Strin
     } else {
         return parse(s, format);
     };
-    apply_math(anchor, math).ok_or_else(|| format!("invalid date math [{s}]"))
+    apply_math(anchor, math, round_up).ok_or_else(|| format!("invalid date math [{s}]"))
 }
 
-fn apply_math(mut t: i64, mut math: &str) -> Option<i64> {
+/// [`parse_bound_rounding`] rounding down.
+pub fn parse_bound(s: &str, format: Option<&str>, now: i64) -> Result<i64, String> {
+    parse_bound_rounding(s, format, now, false)
+}
+
+fn apply_math(mut t: i64, mut math: &str, round_up: bool) -> Option<i64> {
     while !math.is_empty() {
         let op = math.as_bytes()[0];
         math = &math[1..];
         if op == b'/' {
             let unit = math.chars().next()?;
             t = round_down(t, unit)?;
+            if round_up {
+                t = add(t, 1, unit)?.checked_sub(1)?;
+            }
             math = &math[unit.len_utf8()..];
             continue;
         }
@@ -330,5 +345,9 @@ mod tests {
             parse("2024-02-29", None)
         );
         assert!(parse_bound("now-1x", None, now).is_err());
+        assert_eq!(
+            parse_bound_rounding("now/d", None, now, true),
+            parse("2024-03-15T23:59:59.999Z", None)
+        );
     }
 }

@@ -33,6 +33,8 @@ pub enum ErrorKind {
     NoHandler,
     /// A new field under `dynamic: strict` (400).
     StrictDynamicMapping,
+    /// A resource (e.g. a document's source) that does not exist (404).
+    ResourceNotFound,
     /// A query that cannot run against the mapping (400).
     QueryShard,
     /// A queue is full; retry later (429).
@@ -60,6 +62,7 @@ impl ErrorKind {
             Self::StrictDynamicMapping => "strict_dynamic_mapping_exception",
             Self::Rejected => "es_rejected_execution_exception",
             Self::QueryShard => "query_shard_exception",
+            Self::ResourceNotFound => "resource_not_found_exception",
             Self::ActionRequestValidation => "action_request_validation_exception",
             Self::Internal => "exception",
         }
@@ -68,7 +71,7 @@ impl ErrorKind {
     /// The HTTP status ES answers with.
     pub fn status(self) -> u16 {
         match self {
-            Self::IndexNotFound | Self::DocumentMissing => 404,
+            Self::IndexNotFound | Self::DocumentMissing | Self::ResourceNotFound => 404,
             Self::VersionConflict => 409,
             Self::Internal => 500,
             Self::Rejected => 429,

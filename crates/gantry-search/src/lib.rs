@@ -4,9 +4,12 @@
 //! disk and the ES REST API. It does not own process wiring (the `gantry` binary does that) nor any
 //! cluster concern yet (placement, replication).
 
+pub mod aggs;
+pub mod api;
 pub mod date;
 pub mod error;
 pub mod mapping;
+pub mod metrics;
 pub mod node;
 pub mod query;
 pub mod search;

@@ -1072,10 +1072,12 @@ impl Context<'_> {
                 let iv = match leaf.ty {
                     FieldType::Date => {
                         let ms = match v {
-                            Value::String(s) => crate::date::parse_bound(
+                            // ES rounds `gt` and `lte` up to the end of the unit.
+                            Value::String(s) => crate::date::parse_bound_rounding(
                                 s,
                                 format.or(leaf.format.as_deref()),
                                 self.now_ms,
+                                is_lower != inclusive,
                             )
                             .map_err(shard_error)?,
                             Value::Number(n) => n

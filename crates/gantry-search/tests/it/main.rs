@@ -1,1 +1,4 @@
-fn main() {}
+//! Integration tests of gantry-search through its HTTP API on loopback.
+
+mod scenarios;
+mod server;
