@@ -1,33 +1,489 @@
-//! Aggregations (`aggs`): not built yet. A request with `aggs` gets a clear 400.
+//! Aggregations: ES `aggs` requests run on tantivy's aggregation framework, merged across shards
+//! as tantivy intermediate results (so percentiles merge sketches and cardinality merges
+//! HyperLogLogs, never averaging or summing final values), then shaped like ES responses.
+//!
+//! Owns the request rewrite (ES field paths → the shard's fast-field columns), the `filter` and
+//! `filters` aggregations (built here, at the top of the tree, from the query DSL), and the
+//! response fixes where tantivy's shape differs from ES's. Does not own query meaning (`query`).
+//!
+//! Supported: `terms`, `stats`, `extended_stats`, `histogram`, `date_histogram`
+//! (`fixed_interval`; `calendar_interval` of a minute, hour or day), `range`, `avg`, `min`,
+//! `max`, `sum`, `value_count`, `percentiles`, `cardinality` at any depth; `filter` and `filters`
+//! at the top level or under another `filter`/`filters`.
 
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 use tantivy::Searcher;
-use tantivy::query::Query;
+use tantivy::aggregation::agg_req::Aggregations;
+use tantivy::aggregation::intermediate_agg_result::IntermediateAggregationResults;
+use tantivy::aggregation::{
+    AggContextParams, AggregationLimitsGuard, DistributedAggregationCollector,
+};
+use tantivy::collector::Count;
+use tantivy::query::{BooleanQuery, Occur, Query};
 
 use crate::error::EsError;
-use crate::mapping::Mapping;
-use crate::shard::Fields;
+use crate::mapping::{FieldType, Mapping};
+use crate::query::{self, QueryAst};
+use crate::shard::KEYWORD_FIELD;
 
-/// One shard's partial aggregation result.
-#[derive(Debug)]
-pub struct Partial;
+/// Turns a filter's query DSL into a tantivy query for one shard.
+pub type BuildQuery<'a> = dyn FnMut(&QueryAst) -> Result<Box<dyn Query>, EsError> + 'a;
 
-/// Runs `aggs` over one shard.
-pub fn collect(
-    _searcher: &Searcher,
-    _query: &dyn Query,
-    _aggs: &Value,
-    _mapping: &Mapping,
-    _fields: Fields,
-) -> Result<Partial, EsError> {
-    Err(EsError::illegal_argument(
-        "aggregations are not supported yet",
-    ))
+/// Aggregation types passed to tantivy.
+const TANTIVY_TYPES: &[&str] = &[
+    "terms",
+    "stats",
+    "extended_stats",
+    "histogram",
+    "date_histogram",
+    "range",
+    "avg",
+    "min",
+    "max",
+    "sum",
+    "value_count",
+    "percentiles",
+    "cardinality",
+];
+
+/// A checked aggregation request.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The part tantivy runs, with fields rewritten; `None` when empty.
+    tantivy: Option<Aggregations>,
+    /// The original ES request of the tantivy part, for shaping the response.
+    es: Map<String, Value>,
+    /// `filter` / `filters` aggregations built here.
+    filters: Vec<FilterAgg>,
 }
 
-/// Merges shard partials into the ES `aggregations` object.
-pub fn finish(_aggs: &Value, _parts: Vec<Partial>) -> Result<Value, EsError> {
-    Err(EsError::illegal_argument(
-        "aggregations are not supported yet",
-    ))
+#[derive(Debug, Clone)]
+struct FilterAgg {
+    name: String,
+    /// One query for `filter`; one per bucket for `filters`.
+    buckets: Vec<(String, QueryAst)>,
+    /// `filters` (plural) with keyed buckets, with an array of anonymous buckets, or `filter`.
+    kind: FilterKind,
+    sub: Plan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FilterKind {
+    Single,
+    Keyed,
+    Anonymous,
+}
+
+/// One shard's partial result.
+#[derive(Debug)]
+pub struct Partial {
+    tantivy: Option<IntermediateAggregationResults>,
+    /// Per filter aggregation, per bucket: document count and sub-aggregations.
+    filters: Vec<Vec<(u64, Partial)>>,
+}
+
+fn object<'a>(v: &'a Value, what: &str) -> Result<&'a Map<String, Value>, EsError> {
+    v.as_object()
+        .ok_or_else(|| EsError::parsing(format!("[{what}] must be an object")))
+}
+
+/// Rewrites `field` of one aggregation body to the fast-field column of its path.
+fn rewrite_field(
+    kind: &str,
+    body: &mut Map<String, Value>,
+    mappings: &[Mapping],
+) -> Result<(), EsError> {
+    let Some(field) = body.get("field").and_then(Value::as_str).map(str::to_owned) else {
+        return Err(EsError::parsing(format!(
+            "[{kind}] aggregation requires a [field]"
+        )));
+    };
+    for mapping in mappings {
+        if let Some(leaf) = mapping.leaf(&field) {
+            if leaf.ty == FieldType::Text {
+                return Err(EsError::illegal_argument(format!(
+                    "Text fields are not optimised for operations that require per-document field data like aggregations and sorting, so these operations are disabled by default. Please use a keyword field instead. Alternatively, set fielddata=true on [{field}] in order to load field data by uninverting the inverted index. Note that this can use significant memory."
+                )));
+            }
+        }
+    }
+    body.insert("field".into(), json!(format!("{KEYWORD_FIELD}.{field}")));
+    if kind == "date_histogram" {
+        if body.contains_key("format") || body.contains_key("time_zone") {
+            return Err(EsError::illegal_argument(
+                "[date_histogram] does not support [format] or [time_zone] yet",
+            ));
+        }
+        if let Some(calendar) = body.remove("calendar_interval") {
+            let fixed = match calendar.as_str() {
+                Some("minute" | "1m") => "1m",
+                Some("hour" | "1h") => "1h",
+                Some("day" | "1d") => "1d",
+                _ => {
+                    return Err(EsError::illegal_argument(format!(
+                        "[date_histogram] calendar_interval {calendar} is not supported yet; use fixed_interval"
+                    )));
+                }
+            };
+            body.insert("fixed_interval".into(), json!(fixed));
+        }
+        if body.contains_key("interval") {
+            return Err(EsError::illegal_argument(
+                "[interval] on [date_histogram] is deprecated; use fixed_interval",
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// Checks an ES `aggs` object against the mappings of the searched indices.
+    pub fn parse(aggs: &Value, mappings: &[Mapping]) -> Result<Self, EsError> {
+        let obj = object(aggs, "aggs")?;
+        let mut tantivy = Map::new();
+        let mut es = Map::new();
+        let mut filters = Vec::new();
+        for (name, spec) in obj {
+            let spec = object(spec, name)?;
+            let mut kind = None;
+            let mut sub = None;
+            for (key, value) in spec {
+                match key.as_str() {
+                    "aggs" | "aggregations" => sub = Some(value),
+                    "meta" => {}
+                    k if kind.is_none() => kind = Some((k.to_owned(), value)),
+                    k => {
+                        return Err(EsError::parsing(format!(
+                            "Found two aggregation type definitions in [{name}]: [{}] and [{k}]",
+                            kind.as_ref().map(|(k, _)| k.as_str()).unwrap_or_default()
+                        )));
+                    }
+                }
+            }
+            let Some((kind, body)) = kind else {
+                return Err(EsError::parsing(format!(
+                    "Missing definition for aggregation [{name}]"
+                )));
+            };
+            match kind.as_str() {
+                "filter" | "filters" => {
+                    let buckets_and_kind = if kind == "filter" {
+                        (
+                            vec![(String::new(), query::parse(body)?)],
+                            FilterKind::Single,
+                        )
+                    } else {
+                        let filters_body = object(body, "filters")?;
+                        match filters_body.get("filters") {
+                            Some(Value::Object(named)) => (
+                                named
+                                    .iter()
+                                    .map(|(k, q)| Ok((k.clone(), query::parse(q)?)))
+                                    .collect::<Result<Vec<_>, EsError>>()?,
+                                FilterKind::Keyed,
+                            ),
+                            Some(Value::Array(list)) => (
+                                list.iter()
+                                    .map(|q| Ok((String::new(), query::parse(q)?)))
+                                    .collect::<Result<Vec<_>, EsError>>()?,
+                                FilterKind::Anonymous,
+                            ),
+                            _ => {
+                                return Err(EsError::parsing(
+                                    "[filters] requires a [filters] object or array",
+                                ));
+                            }
+                        }
+                    };
+                    let sub = match sub {
+                        Some(s) => Plan::parse(s, mappings)?,
+                        None => Plan::parse(&json!({}), mappings)?,
+                    };
+                    filters.push(FilterAgg {
+                        name: name.clone(),
+                        buckets: buckets_and_kind.0,
+                        kind: buckets_and_kind.1,
+                        sub,
+                    });
+                }
+                k if TANTIVY_TYPES.contains(&k) => {
+                    let mut body = object(body, k)?.clone();
+                    rewrite_field(k, &mut body, mappings)?;
+                    let mut rewritten = Map::new();
+                    rewritten.insert(k.to_owned(), Value::Object(body));
+                    let mut es_entry = Map::new();
+                    es_entry.insert("type".into(), json!(k));
+                    if let Some(sub) = sub {
+                        let sub_plan = Plan::parse(sub, mappings)?;
+                        if !sub_plan.filters.is_empty() {
+                            return Err(EsError::illegal_argument(format!(
+                                "[filter] and [filters] aggregations are supported only at the top level or under each other, not under [{name}]"
+                            )));
+                        }
+                        if let Some(t) = &sub_plan.tantivy {
+                            rewritten.insert(
+                                "aggs".into(),
+                                serde_json::to_value(t)
+                                    .map_err(|e| EsError::internal(e.to_string()))?,
+                            );
+                        }
+                        es_entry.insert("aggs".into(), Value::Object(sub_plan.es));
+                    }
+                    tantivy.insert(name.clone(), Value::Object(rewritten));
+                    es.insert(name.clone(), Value::Object(es_entry));
+                }
+                "top_hits" | "composite" | "multi_terms" => {
+                    return Err(EsError::illegal_argument(format!(
+                        "the [{kind}] aggregation is not supported yet"
+                    )));
+                }
+                other => {
+                    return Err(EsError::parsing(format!(
+                        "Unknown aggregation type [{other}] did you mean one of [terms, stats, histogram, ...]?"
+                    )));
+                }
+            }
+        }
+        let tantivy = if tantivy.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_value::<Aggregations>(Value::Object(tantivy))
+                    .map_err(|e| EsError::parsing(format!("invalid aggregation: {e}")))?,
+            )
+        };
+        Ok(Self {
+            tantivy,
+            es,
+            filters,
+        })
+    }
+
+    /// Runs the aggregations over one shard's documents matching `query`. `build` turns a filter's
+    /// query DSL into a tantivy query for this shard.
+    pub fn collect(
+        &self,
+        searcher: &Searcher,
+        query: &dyn Query,
+        build: &mut BuildQuery<'_>,
+    ) -> Result<Partial, EsError> {
+        let tantivy = match &self.tantivy {
+            Some(aggs) => {
+                let context = AggContextParams::new(
+                    AggregationLimitsGuard::default(),
+                    searcher.index().tokenizers().clone(),
+                );
+                let collector = DistributedAggregationCollector::from_aggs(aggs.clone(), context);
+                Some(searcher.search(query, &collector).map_err(agg_error)?)
+            }
+            None => None,
+        };
+        let mut filters = Vec::new();
+        for filter in &self.filters {
+            let mut buckets = Vec::new();
+            for (_, ast) in &filter.buckets {
+                let filtered = BooleanQuery::new(vec![
+                    (Occur::Must, query.box_clone()),
+                    (Occur::Must, build(ast)?),
+                ]);
+                let count = searcher.search(&filtered, &Count)? as u64;
+                let sub = filter.sub.collect(searcher, &filtered, build)?;
+                buckets.push((count, sub));
+            }
+            filters.push(buckets);
+        }
+        Ok(Partial { tantivy, filters })
+    }
+
+    /// Merges shard partials into the ES `aggregations` object.
+    pub fn finish(&self, parts: Vec<Partial>) -> Result<Value, EsError> {
+        let mut out = Map::new();
+        let mut tantivy_parts = Vec::new();
+        let mut filter_parts: Vec<Vec<Vec<(u64, Partial)>>> = Vec::new();
+        for part in parts {
+            if let Some(t) = part.tantivy {
+                tantivy_parts.push(t);
+            }
+            filter_parts.push(part.filters);
+        }
+        if let Some(aggs) = &self.tantivy {
+            let mut merged: Option<IntermediateAggregationResults> = None;
+            for p in tantivy_parts {
+                match &mut merged {
+                    None => merged = Some(p),
+                    Some(m) => m.merge_fruits(p).map_err(agg_error)?,
+                }
+            }
+            let merged = merged.unwrap_or_default();
+            let result = merged
+                .into_final_result(aggs.clone(), AggregationLimitsGuard::default())
+                .map_err(agg_error)?;
+            let value =
+                serde_json::to_value(&result).map_err(|e| EsError::internal(e.to_string()))?;
+            if let Value::Object(results) = value {
+                for (name, mut v) in results {
+                    if let Some(es) = self.es.get(&name) {
+                        shape(es, &mut v);
+                    }
+                    out.insert(name, v);
+                }
+            }
+        }
+        for (i, filter) in self.filters.iter().enumerate() {
+            let mut bucket_values = Vec::new();
+            for (b, (key, _)) in filter.buckets.iter().enumerate() {
+                let mut count = 0;
+                let mut subs = Vec::new();
+                for shard in filter_parts.iter_mut() {
+                    if let Some(buckets) = shard.get_mut(i) {
+                        if b < buckets.len() {
+                            let (c, p) = std::mem::replace(
+                                &mut buckets[b],
+                                (
+                                    0,
+                                    Partial {
+                                        tantivy: None,
+                                        filters: Vec::new(),
+                                    },
+                                ),
+                            );
+                            count += c;
+                            subs.push(p);
+                        }
+                    }
+                }
+                let mut bucket = match filter.sub.finish(subs)? {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                };
+                bucket.insert("doc_count".into(), json!(count));
+                bucket_values.push((key.clone(), Value::Object(bucket)));
+            }
+            let value = match filter.kind {
+                FilterKind::Single => bucket_values
+                    .pop()
+                    .map(|(_, v)| v)
+                    .unwrap_or(json!({"doc_count": 0})),
+                FilterKind::Keyed => {
+                    json!({ "buckets": Value::Object(bucket_values.into_iter().collect()) })
+                }
+                FilterKind::Anonymous => {
+                    json!({ "buckets": bucket_values.into_iter().map(|(_, v)| v).collect::<Vec<_>>() })
+                }
+            };
+            out.insert(filter.name.clone(), value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+fn agg_error(e: tantivy::TantivyError) -> EsError {
+    match e {
+        tantivy::TantivyError::InvalidArgument(m) => EsError::illegal_argument(m),
+        tantivy::TantivyError::AggregationError(a) => EsError::illegal_argument(a.to_string()),
+        other => EsError::from(other),
+    }
+}
+
+/// Fixes the places where tantivy's result shape differs from ES's.
+fn shape(es: &Value, v: &mut Value) {
+    let kind = es["type"].as_str().unwrap_or_default();
+    if kind == "date_histogram" {
+        if let Some(buckets) = v.get_mut("buckets").and_then(Value::as_array_mut) {
+            for b in buckets {
+                if let Some(ms) = b.get("key").and_then(Value::as_f64) {
+                    let ms = ms as i64;
+                    b["key"] = json!(ms);
+                    if let Some(dt) = chrono::DateTime::from_timestamp_millis(ms) {
+                        b["key_as_string"] = json!(dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
+                    }
+                }
+            }
+        }
+    }
+    if kind == "value_count" && v["value"].is_null() {
+        v["value"] = json!(0);
+    }
+    if kind == "cardinality" {
+        if let Some(f) = v["value"].as_f64() {
+            v["value"] = json!(f.round() as u64);
+        }
+    }
+    let Some(subs) = es.get("aggs").and_then(Value::as_object) else {
+        return;
+    };
+    if let Some(buckets) = v.get_mut("buckets") {
+        let list: Vec<&mut Value> = match buckets {
+            Value::Array(a) => a.iter_mut().collect(),
+            Value::Object(o) => o.values_mut().collect(),
+            _ => Vec::new(),
+        };
+        for bucket in list {
+            for (name, sub_es) in subs {
+                if let Some(sub_v) = bucket.get_mut(name) {
+                    shape(sub_es, sub_v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping() -> Mapping {
+        Mapping::from_json(&json!({"properties": {
+            "tag": {"type": "keyword"}, "n": {"type": "long"}, "body": {"type": "text"}, "at": {"type": "date"}}}))
+        .expect("valid")
+    }
+
+    #[test]
+    fn rewrites_fields_and_nests() {
+        let plan = Plan::parse(
+            &json!({"by_tag": {"terms": {"field": "tag"}, "aggs": {"avg_n": {"avg": {"field": "n"}}}},
+                    "only_a": {"filter": {"term": {"tag": "a"}}, "aggs": {"s": {"stats": {"field": "n"}}}}}),
+            &[mapping()],
+        )
+        .expect("valid");
+        let t = serde_json::to_value(plan.tantivy.expect("tantivy part")).expect("json");
+        assert_eq!(t["by_tag"]["terms"]["field"], "keyword.tag");
+        assert_eq!(t["by_tag"]["aggs"]["avg_n"]["avg"]["field"], "keyword.n");
+        assert_eq!(plan.filters.len(), 1);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_do() {
+        let m = [mapping()];
+        for (bad, kind) in [
+            (
+                json!({"x": {"terms": {"field": "body"}}}),
+                crate::error::ErrorKind::IllegalArgument,
+            ),
+            (
+                json!({"x": {"nonsense": {"field": "n"}}}),
+                crate::error::ErrorKind::Parsing,
+            ),
+            (
+                json!({"x": {"terms": {"field": "n"}, "avg": {"field": "n"}}}),
+                crate::error::ErrorKind::Parsing,
+            ),
+            (
+                json!({"x": {"date_histogram": {"field": "at", "calendar_interval": "month"}}}),
+                crate::error::ErrorKind::IllegalArgument,
+            ),
+            (
+                json!({"x": {"terms": {"field": "tag"}, "aggs": {"f": {"filter": {"match_all": {}}}}}}),
+                crate::error::ErrorKind::IllegalArgument,
+            ),
+            (
+                json!({"x": {"top_hits": {}}}),
+                crate::error::ErrorKind::IllegalArgument,
+            ),
+            (json!({"x": {"avg": {}}}), crate::error::ErrorKind::Parsing),
+        ] {
+            let err = Plan::parse(&bad, &m).expect_err("refused");
+            assert_eq!(err.kind, kind, "{bad}");
+        }
+    }
 }

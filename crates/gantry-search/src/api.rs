@@ -1428,6 +1428,13 @@ fn run_search(
     let mut searchers = Vec::new();
     let mut shard_count = 0;
     let mut agg_parts = Vec::new();
+    let plan = match &req.aggs {
+        Some(aggs) => {
+            let mappings: Vec<Mapping> = indices.iter().map(|i| i.mapping()).collect();
+            Some(crate::aggs::Plan::parse(aggs, &mappings)?)
+        }
+        None => None,
+    };
     for (i, index) in indices.iter().enumerate() {
         let mapping = Arc::new(index.mapping());
         let Some(first) = index.shards().first() else {
@@ -1458,14 +1465,11 @@ fn run_search(
             }
             total += count;
             hits.extend(shard_hits);
-            if let Some(aggs) = &req.aggs {
-                per_index.push(crate::aggs::collect(
-                    &searcher,
-                    &*query,
-                    aggs,
-                    &mapping,
-                    first.fields(),
-                )?);
+            if let Some(plan) = &plan {
+                let index_name = index.name.clone();
+                let mut build =
+                    |ast: &query::QueryAst| ctx.build(ast).map_err(|e| index_error(e, &index_name));
+                per_index.push(plan.collect(&searcher, &*query, &mut build)?);
             }
             searchers.push(((i, s), searcher));
         }
@@ -1547,8 +1551,8 @@ fn run_search(
         "_shards": { "total": shard_count, "successful": shard_count, "skipped": 0, "failed": 0 },
         "hits": Value::Object(hits_obj),
     });
-    if let Some(aggs) = &req.aggs {
-        body["aggregations"] = crate::aggs::finish(aggs, agg_parts)?;
+    if let Some(plan) = &plan {
+        body["aggregations"] = plan.finish(agg_parts)?;
     }
     Ok(body)
 }

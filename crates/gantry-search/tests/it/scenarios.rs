@@ -159,4 +159,5 @@ scenarios!(
     source_filtering,
     count_msearch_delete_by_query,
     errors,
+    aggregations,
 );
