@@ -44,6 +44,8 @@ use crate::translog::{Durability, Op, OpKind, Translog};
 pub const PRIMARY_TERM: u64 = 1;
 /// Writes waiting for a shard's writer thread before callers get a rejection.
 const QUEUE: usize = 256;
+/// Translog size that forces a commit (ES's `flush_threshold_size`).
+const MAX_TRANSLOG: u64 = 512 * 1024 * 1024;
 /// Memory budget of a shard's tantivy writer.
 const WRITER_MEMORY: usize = 64 * 1024 * 1024;
 
@@ -502,6 +504,7 @@ impl Shard {
                     OpKind::Delete => None,
                 };
                 state.next_seq_no = state.next_seq_no.max(op.seq_no + 1);
+                state.dirty += 1;
                 state.docs.insert(
                     op.id.clone(),
                     DocState {
@@ -725,6 +728,12 @@ impl Worker {
         }
         for (reply, results) in answers {
             let _ = reply.send(results);
+        }
+        // Bound the translog (and replay time) when refreshes are rare or disabled.
+        if self.translog.len() > MAX_TRANSLOG {
+            if let Err(e) = self.refresh() {
+                tracing::error!(error = %e, "commit of a full translog failed");
+            }
         }
     }
 
