@@ -1819,7 +1819,7 @@ async fn delete_by_query(
         "deleted": deleted,
         "batches": 1,
         "version_conflicts": 0,
-        "noops": total - deleted - failures.len(),
+        "noops": total.saturating_sub(deleted + failures.len()),
         "retries": { "bulk": 0, "search": 0 },
         "throttled_millis": 0,
         "requests_per_second": -1.0,

@@ -1154,6 +1154,11 @@ impl Context<'_> {
         if matches!((&lo, &hi), (Bound::Unbounded, Bound::Unbounded)) {
             return Ok(self.build_exists(field));
         }
+        if leaf.ty == FieldType::Boolean {
+            return Err(shard_error(format!(
+                "range queries on boolean field [{field}] are not supported; use a term query"
+            )));
+        }
         if leaf.ty == FieldType::Text {
             // Text has no fast values; a term range over its tokens via the inverted index
             // is not supported on JSON fields by tantivy.

@@ -159,10 +159,11 @@ impl SearchRequest {
                 }
             }
         }
-        if req.from + req.size > MAX_RESULT_WINDOW {
+        let window = req.from.saturating_add(req.size);
+        if window > MAX_RESULT_WINDOW {
             return Err(EsError::illegal_argument(format!(
                 "Result window is too large, from + size must be less than or equal to: [{MAX_RESULT_WINDOW}] but was [{}]. See the scroll api for a more efficient way to request large data sets.",
-                req.from + req.size
+                window
             )));
         }
         if let Some(after) = &req.search_after {

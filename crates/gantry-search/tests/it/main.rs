@@ -1,4 +1,6 @@
 //! Integration tests of gantry-search through its HTTP API on loopback.
 
+mod restart;
+mod robustness;
 mod scenarios;
 mod server;
