@@ -142,11 +142,52 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .requests
         .with_label_values(&[label.as_str(), response.status().as_str()])
         .inc();
+    if response.status().is_client_error() && !is_json(&response) {
+        response = es_shaped(response).await;
+    }
     response.headers_mut().insert(
         "x-elastic-product",
         HeaderValue::from_static("Elasticsearch"),
     );
     response
+}
+
+fn is_json(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// Rewrites a framework rejection (bad query string or path encoding, body over the limit,
+/// method not allowed) into ES's error shape.
+async fn es_shaped(response: Response) -> Response {
+    let status = response.status();
+    let (_, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let reason = if text.trim().is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_owned()
+    } else {
+        text
+    };
+    let kind = if status == StatusCode::METHOD_NOT_ALLOWED {
+        "method_not_allowed_exception"
+    } else {
+        "illegal_argument_exception"
+    };
+    let cause = json!({ "type": kind, "reason": reason });
+    let body = json!({
+        "error": { "root_cause": [cause.clone()], "type": kind, "reason": cause["reason"] },
+        "status": status.as_u16(),
+    });
+    (status, axum::Json(body)).into_response()
 }
 
 async fn no_handler(method: Method, uri: axum::http::Uri) -> EsError {

@@ -27,10 +27,6 @@ pub enum ErrorKind {
     DocumentMissing,
     /// A bad index name (400).
     InvalidIndexName,
-    /// A JSON body that is not JSON (400).
-    XContentParse,
-    /// No handler for this path and method (400/405).
-    NoHandler,
     /// A new field under `dynamic: strict` (400).
     StrictDynamicMapping,
     /// A resource (e.g. a document's source) that does not exist (404).
@@ -57,8 +53,6 @@ impl ErrorKind {
             Self::ResourceAlreadyExists => "resource_already_exists_exception",
             Self::DocumentMissing => "document_missing_exception",
             Self::InvalidIndexName => "invalid_index_name_exception",
-            Self::XContentParse => "x_content_parse_exception",
-            Self::NoHandler => "no_handler_found_exception",
             Self::StrictDynamicMapping => "strict_dynamic_mapping_exception",
             Self::Rejected => "es_rejected_execution_exception",
             Self::QueryShard => "query_shard_exception",
@@ -75,13 +69,11 @@ impl ErrorKind {
             Self::VersionConflict => 409,
             Self::Internal => 500,
             Self::Rejected => 429,
-            Self::NoHandler => 405,
             Self::Parsing
             | Self::IllegalArgument
             | Self::MapperParsing
             | Self::ResourceAlreadyExists
             | Self::InvalidIndexName
-            | Self::XContentParse
             | Self::StrictDynamicMapping
             | Self::ActionRequestValidation
             | Self::QueryShard => 400,

@@ -216,17 +216,31 @@ impl FieldMapping {
                 | "doc_values"
                 | "store"
                 | "norms"
-                | "analyzer"
-                | "search_analyzer"
                 | "coerce"
                 | "dynamic"
-                | "enabled"
                 | "boost"
-                | "null_value"
                 | "similarity"
                 | "index_options"
                 | "eager_global_ordinals"
                 | "scaling_factor" => {}
+                "analyzer" | "search_analyzer" => {
+                    if !matches!(value.as_str(), Some("standard" | "default")) {
+                        return Err(EsError::mapper_parsing(format!(
+                            "analyzer {value} on field [{name}] is not supported yet; only the standard analyzer is"
+                        )));
+                    }
+                }
+                "enabled" if value.as_bool() != Some(true) => {
+                    return Err(EsError::mapper_parsing(format!(
+                        "[enabled: false] on field [{name}] is not supported yet"
+                    )));
+                }
+                "enabled" => {}
+                "null_value" => {
+                    return Err(EsError::mapper_parsing(format!(
+                        "[null_value] on field [{name}] is not supported yet"
+                    )));
+                }
                 other => {
                     return Err(EsError::mapper_parsing(format!(
                         "unknown parameter [{other}] on mapper [{name}] of type [{}]",
@@ -943,6 +957,9 @@ mod tests {
             json!({"properties": {"a": {"type": "keyword", "bogus": 1}}}),
             json!({"wat": 1}),
             json!({"properties": {"d": {"type": "date", "format": "qqq"}}}),
+            json!({"properties": {"t": {"type": "text", "analyzer": "english"}}}),
+            json!({"properties": {"k": {"type": "keyword", "null_value": "NULL"}}}),
+            json!({"properties": {"o": {"type": "object", "enabled": false}}}),
         ] {
             let err = Mapping::from_json(&bad).expect_err("rejected");
             assert_eq!(err.kind, ErrorKind::MapperParsing, "{bad}");

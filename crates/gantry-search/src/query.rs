@@ -265,6 +265,30 @@ fn check_keys(obj: &Map<String, Value>, what: &str, allowed: &[&str]) -> Result<
     Ok(())
 }
 
+/// Options this engine accepts only at their default, refused otherwise rather than ignored.
+fn check_text_options(obj: &Map<String, Value>, what: &str) -> Result<(), EsError> {
+    if obj.contains_key("fuzziness") {
+        return Err(EsError::illegal_argument(format!(
+            "[{what}] [fuzziness] is not supported yet"
+        )));
+    }
+    if let Some(a) = obj.get("analyzer") {
+        if !matches!(a.as_str(), Some("standard" | "default")) {
+            return Err(EsError::illegal_argument(format!(
+                "[{what}] analyzer {a} is not supported yet; only the standard analyzer is"
+            )));
+        }
+    }
+    if let Some(z) = obj.get("zero_terms_query") {
+        if z.as_str() != Some("none") {
+            return Err(EsError::illegal_argument(format!(
+                "[{what}] zero_terms_query {z} is not supported yet"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn parse_list(v: &Value) -> Result<Vec<QueryAst>, EsError> {
     match v {
         Value::Array(items) => items.iter().map(parse).collect(),
@@ -331,6 +355,7 @@ pub fn parse(v: &Value) -> Result<QueryAst, EsError> {
             let empty = Map::new();
             let o = o.unwrap_or(&empty);
             let boost = boost_of(o)?;
+            check_text_options(o, kind)?;
             if kind == "match" {
                 check_keys(
                     o,
@@ -375,6 +400,7 @@ pub fn parse(v: &Value) -> Result<QueryAst, EsError> {
         }
         "multi_match" => {
             let o = object(body, kind)?;
+            check_text_options(o, kind)?;
             check_keys(
                 o,
                 kind,

@@ -151,7 +151,14 @@ impl SearchRequest {
                 "version" => req.version = value.as_bool().unwrap_or(false),
                 "seq_no_primary_term" => req.seq_no_primary_term = value.as_bool().unwrap_or(false),
                 "track_scores" => req.track_scores = value.as_bool().unwrap_or(false),
-                "timeout" | "stored_fields" | "explain" | "profile" => {}
+                "timeout" | "stored_fields" => {}
+                "explain" | "profile" | "highlight" | "suggest" | "rescore" | "collapse"
+                | "post_filter" | "min_score" | "script_fields" | "docvalue_fields" | "pit"
+                | "runtime_mappings" | "knn" => {
+                    return Err(EsError::illegal_argument(format!(
+                        "[{key}] is not supported yet"
+                    )));
+                }
                 other => {
                     return Err(EsError::parsing(format!(
                         "Unknown key for a START_OBJECT in [{other}]."
