@@ -1469,11 +1469,10 @@ fn run_search(
     let mut searchers = Vec::new();
     let mut shard_count = 0;
     let mut agg_parts = Vec::new();
+    let mappings: Vec<Mapping> = indices.iter().map(|i| i.mapping()).collect();
+    req.check_sort(&mappings)?;
     let plan = match &req.aggs {
-        Some(aggs) => {
-            let mappings: Vec<Mapping> = indices.iter().map(|i| i.mapping()).collect();
-            Some(crate::aggs::Plan::parse(aggs, &mappings)?)
-        }
+        Some(aggs) => Some(crate::aggs::Plan::parse(aggs, &mappings)?),
         None => None,
     };
     for (i, index) in indices.iter().enumerate() {

@@ -40,6 +40,8 @@ pub struct SortSpec {
     pub order: Order,
     /// Documents without a value go first (`_first`) instead of last.
     pub missing_first: bool,
+    /// `unmapped_type` was given: an unmapped field sorts as missing instead of failing.
+    pub unmapped_ok: bool,
 }
 
 /// `_source` filtering.
@@ -197,10 +199,38 @@ impl SearchRequest {
                 field: "_score".into(),
                 order: Order::Desc,
                 missing_first: false,
+                unmapped_ok: false,
             }]
         } else {
             self.sort.clone()
         }
+    }
+
+    /// Checks the sort fields against the mappings of the searched indices: text fields cannot
+    /// be sorted on, and a field no index maps needs `unmapped_type`.
+    pub fn check_sort(&self, mappings: &[Mapping]) -> Result<(), EsError> {
+        for spec in &self.sort {
+            if matches!(spec.field.as_str(), "_score" | "_doc") {
+                continue;
+            }
+            let leaves: Vec<_> = mappings
+                .iter()
+                .filter_map(|m| m.leaf(&spec.field))
+                .collect();
+            if leaves.iter().any(|l| l.ty == FieldType::Text) {
+                return Err(EsError::illegal_argument(format!(
+                    "Text fields are not optimised for operations that require per-document field data like aggregations and sorting, so these operations are disabled by default. Please use a keyword field instead. Alternatively, set fielddata=true on [{}] in order to load field data by uninverting the inverted index. Note that this can use significant memory.",
+                    spec.field
+                )));
+            }
+            if leaves.is_empty() && !spec.unmapped_ok && !mappings.is_empty() {
+                return Err(EsError::new(
+                    crate::error::ErrorKind::QueryShard,
+                    format!("No mapping found for [{}] in order to sort on", spec.field),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether hits carry scores.
@@ -248,6 +278,7 @@ fn parse_sort(v: &Value) -> Result<Vec<SortSpec>, EsError> {
                     field,
                     order,
                     missing_first: false,
+                    unmapped_ok: false,
                 });
             }
             Value::Object(o) if o.len() == 1 => {
@@ -258,6 +289,7 @@ fn parse_sort(v: &Value) -> Result<Vec<SortSpec>, EsError> {
                     field: field.clone(),
                     order: default_order(field),
                     missing_first: false,
+                    unmapped_ok: false,
                 };
                 match spec {
                     Value::String(_) => s.order = parse_order(spec)?,
@@ -276,7 +308,8 @@ fn parse_sort(v: &Value) -> Result<Vec<SortSpec>, EsError> {
                                         }
                                     }
                                 }
-                                "unmapped_type" | "mode" | "format" | "numeric_type" => {}
+                                "unmapped_type" => s.unmapped_ok = true,
+                                "mode" | "format" | "numeric_type" => {}
                                 other => {
                                     return Err(EsError::parsing(format!(
                                         "[field_sort] unknown field [{other}]"
@@ -792,7 +825,8 @@ mod tests {
             SortSpec {
                 field: "a".into(),
                 order: Order::Asc,
-                missing_first: false
+                missing_first: false,
+                unmapped_ok: false,
             }
         );
         assert_eq!(s[1].order, Order::Desc);
@@ -807,6 +841,7 @@ mod tests {
             field: "a".into(),
             order: Order::Asc,
             missing_first: false,
+            unmapped_ok: false,
         };
         let desc = SortSpec {
             order: Order::Desc,
