@@ -243,7 +243,8 @@ fn conditions(params: &HashMap<String, String>) -> Result<Conditions, EsError> {
     })
 }
 
-/// `refresh` parameter: `true`/empty forces one, `wait_for` waits for one (here: forces one).
+/// `refresh` parameter: `Some(true)` (`true` or empty) forces a refresh, `Some(false)`
+/// (`wait_for`) waits until the write is searchable.
 fn wants_refresh(params: &HashMap<String, String>) -> Result<Option<bool>, EsError> {
     match params.get("refresh").map(String::as_str) {
         None | Some("false") => Ok(None),
@@ -276,6 +277,21 @@ fn index_error(e: EsError, index: &str) -> EsError {
         e
     } else {
         e.with_index(index)
+    }
+}
+
+/// Applies the `refresh` parameter after writes to `shard` whose highest `_seq_no` is `seq_no`.
+async fn settle(
+    state: &AppState,
+    index: &IndexHandle,
+    shard: &crate::shard::Shard,
+    seq_no: u64,
+    refresh: Option<bool>,
+) -> Result<(), EsError> {
+    match refresh {
+        None => Ok(()),
+        Some(true) => timed_refresh(state, index).await,
+        Some(false) => shard.wait_for(seq_no).await,
     }
 }
 
@@ -724,11 +740,9 @@ async fn write_one(
         .map_err(|e| index_error(e, &index.name))?;
     state.metrics.documents_indexed.inc();
     let mut body = write_body(&index, &id, &outcome);
-    if let Some(forced) = refresh {
-        timed_refresh(state, &index).await?;
-        if forced {
-            body["forced_refresh"] = json!(true);
-        }
+    settle(state, &index, shard, outcome.seq_no, refresh).await?;
+    if refresh == Some(true) {
+        body["forced_refresh"] = json!(true);
     }
     let status = if outcome.result == WriteResult::Created {
         StatusCode::CREATED
@@ -869,8 +883,8 @@ async fn delete_doc(
     let index = existing(&state, &name)?;
     let cond = conditions(&params)?;
     let refresh = wants_refresh(&params)?;
-    let outcome = index
-        .shard_for(routing_key(&params, &id))
+    let shard = index.shard_for(routing_key(&params, &id));
+    let outcome = shard
         .write(vec![WriteOp::Delete {
             id: id.clone(),
             cond,
@@ -879,9 +893,7 @@ async fn delete_doc(
         .pop()
         .ok_or_else(|| EsError::internal("shard returned no result"))?
         .map_err(|e| index_error(e, &name))?;
-    if refresh.is_some() {
-        timed_refresh(&state, &index).await?;
-    }
+    settle(&state, &index, shard, outcome.seq_no, refresh).await?;
     let status = if outcome.result == WriteResult::NotFound {
         StatusCode::NOT_FOUND
     } else {
@@ -969,8 +981,8 @@ async fn update_doc(
         Ok(index)
     })
     .await?;
-    let outcome = index
-        .shard_for(routing_key(&params, &id))
+    let shard = index.shard_for(routing_key(&params, &id));
+    let outcome = shard
         .write(vec![op])
         .await?
         .pop()
@@ -979,9 +991,7 @@ async fn update_doc(
     if outcome.result != WriteResult::Noop {
         state.metrics.documents_indexed.inc();
     }
-    if refresh.is_some() {
-        timed_refresh(&state, &index).await?;
-    }
+    settle(&state, &index, shard, outcome.seq_no, refresh).await?;
     let status = if outcome.result == WriteResult::Created {
         StatusCode::CREATED
     } else {
@@ -1317,23 +1327,28 @@ async fn bulk_impl(
             None => groups.push((index, shard_no, vec![n], vec![op])),
         }
     }
-    let mut touched: Vec<Arc<IndexHandle>> = Vec::new();
+    let mut touched: Vec<(Arc<IndexHandle>, usize, u64)> = Vec::new();
     for (index, shard_no, positions, ops) in groups {
         let outcomes = match index.shards()[shard_no].write(ops).await {
             Ok(o) => o,
             Err(e) => positions.iter().map(|_| Err(e.clone())).collect(),
         };
+        let mut max_seq_no = 0;
         for (pos, outcome) in positions.into_iter().zip(outcomes) {
+            if let Ok(o) = &outcome {
+                max_seq_no = max_seq_no.max(o.seq_no);
+            }
             results[pos] = Some(outcome.map_err(|e| index_error(e, &index.name)));
         }
-        if !touched.iter().any(|t| Arc::ptr_eq(t, &index)) {
-            touched.push(index);
-        }
+        touched.push((index, shard_no, max_seq_no));
     }
-    if refresh.is_some() {
-        for index in &touched {
-            timed_refresh(state, index).await?;
+    let mut refreshed: Vec<Arc<IndexHandle>> = Vec::new();
+    for (index, shard_no, seq_no) in &touched {
+        if refresh == Some(true) && refreshed.iter().any(|r| Arc::ptr_eq(r, index)) {
+            continue;
         }
+        settle(state, index, &index.shards()[*shard_no], *seq_no, refresh).await?;
+        refreshed.push(index.clone());
     }
     let mut errors = false;
     let mut out = Vec::with_capacity(results.len());
@@ -1830,6 +1845,7 @@ async fn delete_by_query(
     let mut total = 0;
     let mut deleted = 0;
     let mut failures = Vec::new();
+    let mut touched = Vec::new();
     for (i, s, ids) in matches {
         total += ids.len();
         let ops = ids
@@ -1840,6 +1856,9 @@ async fn delete_by_query(
             })
             .collect();
         for (id, outcome) in ids.iter().zip(indices[i].shards()[s].write(ops).await?) {
+            if let Ok(o) = &outcome {
+                touched.push((i, s, o.seq_no));
+            }
             match outcome {
                 Ok(o) if o.result == WriteResult::Deleted => deleted += 1,
                 Ok(_) => {}
@@ -1847,9 +1866,17 @@ async fn delete_by_query(
             }
         }
     }
-    if refresh.is_some() {
-        for index in &indices {
-            timed_refresh(&state, index).await?;
+    match refresh {
+        None => {}
+        Some(true) => {
+            for index in &indices {
+                timed_refresh(&state, index).await?;
+            }
+        }
+        Some(false) => {
+            for (i, s, seq_no) in touched {
+                indices[i].shards()[s].wait_for(seq_no).await?;
+            }
         }
     }
     ok(json!({

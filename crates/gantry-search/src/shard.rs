@@ -336,6 +336,8 @@ struct Shared {
     fields: Fields,
     state: Mutex<LiveState>,
     mapping: Arc<RwLock<Mapping>>,
+    /// Every `_seq_no` below this value is searchable (updated after each refresh).
+    visible: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -403,6 +405,7 @@ pub fn stored_doc(doc: &TantivyDocument, fields: &Fields) -> StoredDoc {
 /// An open shard.
 pub struct Shard {
     dir: PathBuf,
+    options: ShardOptions,
     shared: Arc<Shared>,
     tx: Option<SyncSender<Command>>,
     thread: Option<JoinHandle<()>>,
@@ -516,12 +519,14 @@ impl Shard {
                 );
             }
         }
+        let visible = tokio::sync::watch::Sender::new(committed_seq_no.map_or(0, |s| s + 1));
         let shared = Arc::new(Shared {
             index,
             reader,
             fields,
             state: Mutex::new(state),
             mapping,
+            visible,
         });
         let mut worker = Worker {
             shared: shared.clone(),
@@ -542,6 +547,7 @@ impl Shard {
         Ok((
             Self {
                 dir: dir.to_owned(),
+                options,
                 shared,
                 tx: Some(tx),
                 thread: Some(thread),
@@ -570,6 +576,20 @@ impl Shard {
         self.send(Command::Refresh(reply))?;
         rx.await
             .map_err(|_| EsError::internal("shard writer stopped"))?
+    }
+
+    /// Waits until the write with `seq_no` is searchable (`refresh=wait_for`): until the next
+    /// periodic refresh, or forces one when periodic refresh is disabled.
+    pub async fn wait_for(&self, seq_no: u64) -> Result<(), EsError> {
+        if self.options.refresh_interval.is_none() {
+            return self.refresh().await;
+        }
+        let mut visible = self.shared.visible.subscribe();
+        visible
+            .wait_for(|v| *v > seq_no)
+            .await
+            .map(|_| ())
+            .map_err(|_| EsError::internal("shard writer stopped"))
     }
 
     fn send(&self, command: Command) -> Result<(), EsError> {
@@ -936,6 +956,7 @@ impl Worker {
         self.shared.reader.reload()?;
         {
             let mut state = self.shared.state();
+            self.shared.visible.send_replace(state.next_seq_no);
             state.dirty = 0;
             for d in state.docs.values_mut() {
                 d.pending = None;

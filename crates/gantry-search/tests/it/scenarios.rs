@@ -160,4 +160,5 @@ scenarios!(
     count_msearch_delete_by_query,
     errors,
     aggregations,
+    refresh,
 );
