@@ -290,19 +290,14 @@ async fn settle(
 ) -> Result<(), EsError> {
     match refresh {
         None => Ok(()),
-        Some(true) => timed_refresh(state, index).await,
+        Some(true) => force_refresh(state, index).await,
         Some(false) => shard.wait_for(seq_no).await,
     }
 }
 
-async fn timed_refresh(state: &AppState, index: &IndexHandle) -> Result<(), EsError> {
-    let started = Instant::now();
-    index.refresh().await?;
-    state
-        .metrics
-        .refresh_seconds
-        .observe(started.elapsed().as_secs_f64());
-    Ok(())
+/// Forces a refresh of every shard of `index` (each shard observes its own duration).
+async fn force_refresh(_state: &AppState, index: &IndexHandle) -> Result<(), EsError> {
+    index.refresh().await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -445,7 +440,7 @@ async fn get_settings(State(state): State<AppState>, Path(name): Path<String>) -
 async fn refresh_indices(state: &AppState, indices: Vec<Arc<IndexHandle>>) -> ApiResult {
     let mut shards = 0;
     for index in &indices {
-        timed_refresh(state, index).await?;
+        force_refresh(state, index).await?;
         shards += index.shards().len();
     }
     ok(json!({ "_shards": { "total": shards, "successful": shards, "failed": 0 } }))
@@ -1870,7 +1865,7 @@ async fn delete_by_query(
         None => {}
         Some(true) => {
             for index in &indices {
-                timed_refresh(&state, index).await?;
+                force_refresh(&state, index).await?;
             }
         }
         Some(false) => {

@@ -17,7 +17,8 @@ pub struct SearchMetrics {
     pub request_seconds: HistogramVec,
     /// `gantry_search_documents_indexed_total`: index, create and update operations applied.
     pub documents_indexed: IntCounter,
-    /// `gantry_search_refresh_duration_seconds`: a refresh (tantivy commit + reader reload).
+    /// `gantry_search_refresh_duration_seconds`: every shard refresh (tantivy commit + reader
+    /// reload), periodic or requested.
     pub refresh_seconds: Histogram,
 }
 
@@ -49,7 +50,7 @@ impl SearchMetrics {
         let refresh_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "gantry_search_refresh_duration_seconds",
-                "Explicit refreshes and flushes (tantivy commit plus reader reload).",
+                "Shard refreshes, periodic or requested (tantivy commit plus reader reload).",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
         )?;

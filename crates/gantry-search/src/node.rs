@@ -162,13 +162,14 @@ impl IndexSettings {
         })
     }
 
-    fn shard_options(&self) -> ShardOptions {
+    fn shard_options(&self, refresh_seconds: Option<prometheus::Histogram>) -> ShardOptions {
         ShardOptions {
             refresh_interval: parse_interval(&self.refresh_interval)
                 .ok()
                 .flatten()
                 .map(|d| d.max(Duration::from_millis(10))),
             durability: self.durability,
+            refresh_seconds,
         }
     }
 }
@@ -393,6 +394,7 @@ pub struct Node {
     pub node_id: String,
     indices: RwLock<BTreeMap<String, Arc<IndexHandle>>>,
     create_lock: Mutex<()>,
+    refresh_seconds: Option<prometheus::Histogram>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -405,6 +407,14 @@ struct NodeFile {
 impl Node {
     /// Opens the data directory, reopening every index (and replaying its translogs). Blocking.
     pub fn open(data: &Path) -> Result<Self, EsError> {
+        Self::open_with(data, None)
+    }
+
+    /// [`Node::open`], observing every shard refresh's duration on `refresh_seconds`.
+    pub fn open_with(
+        data: &Path,
+        refresh_seconds: Option<prometheus::Histogram>,
+    ) -> Result<Self, EsError> {
         std::fs::create_dir_all(data.join("indices"))?;
         let node_file = data.join("node.json");
         let node: NodeFile = match std::fs::read(&node_file) {
@@ -445,6 +455,7 @@ impl Node {
                 meta.creation_date,
                 settings,
                 mapping,
+                refresh_seconds.clone(),
             )?;
             indices.insert(meta.name, Arc::new(handle));
         }
@@ -455,6 +466,7 @@ impl Node {
             node_id: node.node_id,
             indices: RwLock::new(indices),
             create_lock: Mutex::new(()),
+            refresh_seconds,
         })
     }
 
@@ -528,7 +540,15 @@ impl Node {
         let dir = self.data.join("indices").join(&uuid);
         std::fs::create_dir_all(&dir)?;
         let created = chrono::Utc::now().timestamp_millis();
-        let handle = open_index(&dir, name.to_owned(), uuid, created, settings, mapping)?;
+        let handle = open_index(
+            &dir,
+            name.to_owned(),
+            uuid,
+            created,
+            settings,
+            mapping,
+            self.refresh_seconds.clone(),
+        )?;
         handle.save(&handle.settings(), &handle.mapping())?;
         let handle = Arc::new(handle);
         self.indices
@@ -586,6 +606,7 @@ fn open_index(
     created: i64,
     settings: IndexSettings,
     mapping: Mapping,
+    refresh_seconds: Option<prometheus::Histogram>,
 ) -> Result<IndexHandle, EsError> {
     let mapping = Arc::new(RwLock::new(mapping));
     let mut shards = Vec::new();
@@ -593,7 +614,7 @@ fn open_index(
         let (shard, recovery) = Shard::open(
             &dir.join(n.to_string()),
             mapping.clone(),
-            settings.shard_options(),
+            settings.shard_options(refresh_seconds.clone()),
         )?;
         if recovery.replayed_ops > 0 {
             tracing::info!(index = %name, shard = n, replayed = recovery.replayed_ops, "translog replayed");

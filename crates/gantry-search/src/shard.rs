@@ -181,12 +181,14 @@ fn escape_path(path: &str) -> String {
 }
 
 /// Shard settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ShardOptions {
     /// How often writes become searchable; `None` disables periodic refresh.
     pub refresh_interval: Option<Duration>,
     /// When the translog is fsynced.
     pub durability: Durability,
+    /// Observes the duration of every refresh (commit plus reader reload).
+    pub refresh_seconds: Option<prometheus::Histogram>,
 }
 
 impl Default for ShardOptions {
@@ -194,6 +196,7 @@ impl Default for ShardOptions {
         Self {
             refresh_interval: Some(Duration::from_secs(1)),
             durability: Durability::Request,
+            refresh_seconds: None,
         }
     }
 }
@@ -532,7 +535,7 @@ impl Shard {
             shared: shared.clone(),
             writer,
             translog,
-            options,
+            options: options.clone(),
             last_refresh: Instant::now(),
         };
         if replayed_ops > 0 {
@@ -949,6 +952,7 @@ impl Worker {
         if dirty == 0 {
             return Ok(());
         }
+        let started = Instant::now();
         let mut prepared = self.writer.prepare_commit()?;
         let payload = serde_json::json!({ "max_seq_no": max_seq_no }).to_string();
         prepared.set_payload(&payload);
@@ -964,6 +968,9 @@ impl Worker {
         }
         self.translog.truncate()?;
         self.last_refresh = Instant::now();
+        if let Some(h) = &self.options.refresh_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 }

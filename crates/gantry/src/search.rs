@@ -41,7 +41,8 @@ pub async fn start(
     let ready = readiness.register("search");
     let metrics = SearchMetrics::register(registry).context("cannot register search metrics")?;
     let data = args.data.clone();
-    let node = tokio::task::spawn_blocking(move || Node::open(&data))
+    let refresh_seconds = Some(metrics.refresh_seconds.clone());
+    let node = tokio::task::spawn_blocking(move || Node::open_with(&data, refresh_seconds))
         .await?
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| {

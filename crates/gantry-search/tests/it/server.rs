@@ -26,10 +26,13 @@ impl TestServer {
 
     pub async fn start_in(path: &std::path::Path) -> Self {
         let path = path.to_owned();
-        let node = tokio::task::spawn_blocking(move || Node::open(&path))
-            .await
-            .expect("join")
-            .expect("node opens");
+        let metrics = SearchMetrics::unregistered().expect("metrics");
+        let refresh_seconds = metrics.refresh_seconds.clone();
+        let node =
+            tokio::task::spawn_blocking(move || Node::open_with(&path, Some(refresh_seconds)))
+                .await
+                .expect("join")
+                .expect("node opens");
         let node = Arc::new(node);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -37,7 +40,7 @@ impl TestServer {
         let addr = listener.local_addr().expect("addr");
         let state = AppState {
             node: node.clone(),
-            metrics: SearchMetrics::unregistered().expect("metrics"),
+            metrics,
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(api::serve(listener, state, stop.clone()));

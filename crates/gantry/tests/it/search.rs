@@ -17,6 +17,7 @@ use crate::gantry;
 struct SearchServer {
     child: Child,
     addr: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl SearchServer {
@@ -48,6 +49,7 @@ impl SearchServer {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut admin = None;
         loop {
             let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
             else {
@@ -58,11 +60,15 @@ impl SearchServer {
             let Ok(event) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };
+            if event["message"] == "admin server listening" {
+                admin = event["addr"].as_str().and_then(|a| a.parse().ok());
+            }
             if event["message"] == "search server listening" {
                 let addr = event["addr"].as_str().unwrap().parse().unwrap();
                 // Keep draining the log so the child never blocks on a full pipe.
                 std::thread::spawn(move || for _ in rx {});
-                return Self { child, addr };
+                let admin = admin.expect("the admin server starts first");
+                return Self { child, addr, admin };
             }
         }
     }
@@ -178,6 +184,29 @@ async fn acknowledged_documents_survive_sigkill() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+
+    // The admin server exposes the search metrics.
+    let metrics = client
+        .get(format!("http://{}/metrics", server.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"gantry_search_requests_total{endpoint="PUT /{index}/_doc/{id}",status="201"} 41"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gantry_search_documents_indexed_total 246"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gantry_search_request_duration_seconds_bucket"));
+    // Shard refresh durations are exported too.
+    assert!(metrics.contains("gantry_search_refresh_duration_seconds_count"));
 
     // Writes still in flight when the process dies: their outcome is unknown, never checked.
     let in_flight_client = client.clone();
