@@ -341,6 +341,10 @@ struct Shared {
     mapping: Arc<RwLock<Mapping>>,
     /// Every `_seq_no` below this value is searchable (updated after each refresh).
     visible: tokio::sync::watch::Sender<u64>,
+    /// Set when a translog append failed: the in-memory state may hold operations that are not
+    /// durable, so the shard refuses reads and writes until the node restarts (and recovers
+    /// from the last commit and the translog's valid frames).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -349,8 +353,18 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn check_failed(&self) -> Result<(), EsError> {
+        if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(EsError::internal(
+                "shard failed after a translog write error; restart the node to recover it",
+            ));
+        }
+        Ok(())
+    }
+
     /// The current source of `id`: realtime (unrefreshed) first, then the searcher.
     fn current(&self, id: &str) -> Result<Option<StoredDoc>, EsError> {
+        self.check_failed()?;
         {
             let state = self.state();
             match state.docs.get(id) {
@@ -530,6 +544,7 @@ impl Shard {
             state: Mutex::new(state),
             mapping,
             visible,
+            failed: std::sync::atomic::AtomicBool::new(false),
         });
         let mut worker = Worker {
             shared: shared.clone(),
@@ -726,6 +741,12 @@ impl Worker {
     }
 
     fn write_batch(&mut self, batch: Vec<(Vec<WriteOp>, WriteReply)>) {
+        if let Err(e) = self.shared.check_failed() {
+            for (ops, reply) in batch {
+                let _ = reply.send(ops.iter().map(|_| Err(e.clone())).collect());
+            }
+            return;
+        }
         let mut logged = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
         for (ops, reply) in batch {
@@ -737,9 +758,12 @@ impl Worker {
         }
         if let Err(e) = self.translog.append(&logged) {
             tracing::error!(error = %e, "translog append failed");
-            // The operations are in the writer but not durable: fail them all. The next refresh
-            // would still make them searchable, so restart from the last commit instead.
+            // The operations are in the writer and the id map but not durable: fail them all,
+            // drop them from the writer, and fail the shard (its id map can no longer be trusted).
             let _ = self.writer.rollback();
+            self.shared
+                .failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             for (reply, results) in answers {
                 let failed = results
                     .into_iter()
@@ -945,6 +969,7 @@ impl Worker {
 
     /// Commits, reloads the reader, drops realtime sources now searchable, truncates the translog.
     fn refresh(&mut self) -> Result<(), EsError> {
+        self.shared.check_failed()?;
         let (dirty, max_seq_no) = {
             let state = self.shared.state();
             (state.dirty, state.next_seq_no.checked_sub(1))
