@@ -75,6 +75,8 @@ pub fn router(state: AppState) -> Router {
         .route("/_count", get(count_all).post(count_all))
         .route("/_refresh", get(refresh_all).post(refresh_all))
         .route("/_flush", get(refresh_all).post(refresh_all))
+        .route("/_mapping", get(get_mapping_all))
+        .route("/_settings", get(get_settings_all))
         .route("/_cat/indices", get(cat_indices_all))
         .route("/_cat/indices/{index}", get(cat_indices))
         .route("/_cat/health", get(cat_health))
@@ -395,6 +397,14 @@ async fn delete_index(State(state): State<AppState>, Path(name): Path<String>) -
     })
     .await?;
     ok(json!({ "acknowledged": true }))
+}
+
+async fn get_mapping_all(state: State<AppState>) -> ApiResult {
+    get_mapping(state, Path("_all".to_owned())).await
+}
+
+async fn get_settings_all(state: State<AppState>) -> ApiResult {
+    get_settings(state, Path("_all".to_owned())).await
 }
 
 async fn get_mapping(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult {
