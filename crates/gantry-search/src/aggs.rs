@@ -9,7 +9,9 @@
 //! Supported: `terms`, `stats`, `extended_stats`, `histogram`, `date_histogram`
 //! (`fixed_interval`; `calendar_interval` of a minute, hour or day), `range`, `avg`, `min`,
 //! `max`, `sum`, `value_count`, `percentiles`, `cardinality` at any depth; `filter` and `filters`
-//! at the top level or under another `filter`/`filters`.
+//! at the top level or under another `filter`/`filters`; `top_hits` at the top level and under
+//! `terms`, `filter` and `filters`, each run as a search narrowed to its bucket (the bucket's key
+//! or filter), so its hits carry `_source` and sort values exactly like search hits.
 
 use serde_json::{Map, Value, json};
 use tantivy::Searcher;
@@ -55,6 +57,8 @@ pub struct Plan {
     es: Map<String, Value>,
     /// `filter` / `filters` aggregations built here.
     filters: Vec<FilterAgg>,
+    /// `top_hits` at this level: name and body (`size`, `from`, `sort`, `_source`, ...).
+    top_hits: Vec<(String, Value)>,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +147,7 @@ impl Plan {
         let mut tantivy = Map::new();
         let mut es = Map::new();
         let mut filters = Vec::new();
+        let mut top_hits = Vec::new();
         for (name, spec) in obj {
             let spec = object(spec, name)?;
             let mut kind = None;
@@ -206,15 +211,57 @@ impl Plan {
                         sub,
                     });
                 }
+                "top_hits" => {
+                    if sub.is_some() {
+                        return Err(EsError::parsing(format!(
+                            "Aggregator [{name}] of type [top_hits] cannot accept sub-aggregations"
+                        )));
+                    }
+                    check_top_hits(name, body)?;
+                    top_hits.push((name.clone(), body.clone()));
+                }
                 k if TANTIVY_TYPES.contains(&k) => {
                     let mut body = object(body, k)?.clone();
+                    let es_field = body.get("field").cloned();
                     rewrite_field(k, &mut body, mappings)?;
                     let mut rewritten = Map::new();
                     rewritten.insert(k.to_owned(), Value::Object(body));
                     let mut es_entry = Map::new();
                     es_entry.insert("type".into(), json!(k));
                     if let Some(sub) = sub {
-                        let sub_plan = Plan::parse(sub, mappings)?;
+                        // `top_hits` under `terms` runs as a search per bucket (the bucket key
+                        // as a filter); tantivy's own top_hits returns no `_source`.
+                        let mut sub = object(sub, "aggs")?.clone();
+                        let hits: Map<String, Value> = sub
+                            .iter()
+                            .filter(|(_, spec)| spec.get("top_hits").is_some())
+                            .map(|(n, spec)| (n.clone(), spec.clone()))
+                            .collect();
+                        if !hits.is_empty() {
+                            if k != "terms" {
+                                return Err(EsError::illegal_argument(format!(
+                                    "[top_hits] is supported at the top level and under [terms], [filter] and [filters], not under [{k}]"
+                                )));
+                            }
+                            for n in hits.keys() {
+                                sub.remove(n);
+                            }
+                        }
+                        let sub_plan = Plan::parse(&Value::Object(sub), mappings)?;
+                        if !hits.is_empty() {
+                            for (n, spec) in &hits {
+                                check_top_hits(n, &spec["top_hits"])?;
+                            }
+                            es_entry.insert("field".into(), es_field.unwrap_or(Value::Null));
+                            es_entry.insert(
+                                "top_hits".into(),
+                                Value::Object(
+                                    hits.into_iter()
+                                        .map(|(n, spec)| (n, spec["top_hits"].clone()))
+                                        .collect(),
+                                ),
+                            );
+                        }
                         if !sub_plan.filters.is_empty() {
                             return Err(EsError::illegal_argument(format!(
                                 "[filter] and [filters] aggregations are supported only at the top level or under each other, not under [{name}]"
@@ -232,7 +279,7 @@ impl Plan {
                     tantivy.insert(name.clone(), Value::Object(rewritten));
                     es.insert(name.clone(), Value::Object(es_entry));
                 }
-                "top_hits" | "composite" | "multi_terms" => {
+                "composite" | "multi_terms" => {
                     return Err(EsError::illegal_argument(format!(
                         "the [{kind}] aggregation is not supported yet"
                     )));
@@ -256,6 +303,7 @@ impl Plan {
             tantivy,
             es,
             filters,
+            top_hits,
         })
     }
 
@@ -377,6 +425,95 @@ impl Plan {
     }
 }
 
+/// Checks a `top_hits` body: the keys a search page takes.
+fn check_top_hits(name: &str, body: &Value) -> Result<(), EsError> {
+    let obj = object(body, name)?;
+    for key in obj.keys() {
+        if !matches!(
+            key.as_str(),
+            "size"
+                | "from"
+                | "sort"
+                | "_source"
+                | "version"
+                | "seq_no_primary_term"
+                | "track_scores"
+        ) {
+            return Err(EsError::illegal_argument(format!(
+                "[top_hits] option [{key}] is not supported yet"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one `top_hits`: the request's query, narrowed by `filters`, with the page in `body`;
+/// returns the ES `hits` object.
+pub type RunTopHits<'a> = dyn FnMut(&[QueryAst], &Value) -> Result<Value, EsError> + 'a;
+
+impl Plan {
+    /// Fills the `top_hits` results into `out` (the `aggregations` object at this plan's level),
+    /// each a search narrowed by the enclosing filters and terms buckets.
+    pub fn fill_top_hits(
+        &self,
+        out: &mut Value,
+        filters: &[QueryAst],
+        run: &mut RunTopHits<'_>,
+    ) -> Result<(), EsError> {
+        for (name, body) in &self.top_hits {
+            out[name.as_str()] = json!({ "hits": run(filters, body)? });
+        }
+        for (name, es) in &self.es {
+            let (Some(hits), Some(field)) = (
+                es.get("top_hits").and_then(Value::as_object),
+                es.get("field").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            let Some(buckets) = out
+                .get_mut(name.as_str())
+                .and_then(|v| v.get_mut("buckets"))
+                .and_then(Value::as_array_mut)
+            else {
+                continue;
+            };
+            for bucket in buckets {
+                let key = bucket["key"].clone();
+                let mut narrowed = filters.to_vec();
+                narrowed.push(QueryAst::Term {
+                    field: field.to_owned(),
+                    value: key,
+                    boost: 1.0,
+                });
+                for (hits_name, body) in hits {
+                    bucket[hits_name.as_str()] = json!({ "hits": run(&narrowed, body)? });
+                }
+            }
+        }
+        for filter in &self.filters {
+            for (b, (key, ast)) in filter.buckets.iter().enumerate() {
+                let mut narrowed = filters.to_vec();
+                narrowed.push(ast.clone());
+                let slot = match filter.kind {
+                    FilterKind::Single => out.get_mut(filter.name.as_str()),
+                    FilterKind::Keyed => out
+                        .get_mut(filter.name.as_str())
+                        .and_then(|v| v.get_mut("buckets"))
+                        .and_then(|v| v.get_mut(key.as_str())),
+                    FilterKind::Anonymous => out
+                        .get_mut(filter.name.as_str())
+                        .and_then(|v| v.get_mut("buckets"))
+                        .and_then(|v| v.get_mut(b)),
+                };
+                if let Some(slot) = slot {
+                    filter.sub.fill_top_hits(slot, &narrowed, run)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn agg_error(e: tantivy::TantivyError) -> EsError {
     match e {
         tantivy::TantivyError::InvalidArgument(m) => EsError::illegal_argument(m),
@@ -477,7 +614,11 @@ mod tests {
                 crate::error::ErrorKind::IllegalArgument,
             ),
             (
-                json!({"x": {"top_hits": {}}}),
+                json!({"x": {"top_hits": {"highlight": {}}}}),
+                crate::error::ErrorKind::IllegalArgument,
+            ),
+            (
+                json!({"x": {"histogram": {"field": "n", "interval": 1}, "aggs": {"h": {"top_hits": {}}}}}),
                 crate::error::ErrorKind::IllegalArgument,
             ),
             (json!({"x": {"avg": {}}}), crate::error::ErrorKind::Parsing),

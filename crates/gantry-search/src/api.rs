@@ -1612,7 +1612,26 @@ fn run_search(
         "hits": Value::Object(hits_obj),
     });
     if let Some(plan) = &plan {
-        body["aggregations"] = plan.finish(agg_parts)?;
+        let mut aggregations = plan.finish(agg_parts)?;
+        let mut run = |filters: &[query::QueryAst], page: &Value| -> Result<Value, EsError> {
+            let mut sub = SearchRequest::parse(page)?;
+            if page.get("size").is_none() {
+                sub.size = 3;
+            }
+            sub.query = query::QueryAst::Bool {
+                must: vec![req.query.clone()],
+                should: Vec::new(),
+                must_not: Vec::new(),
+                filter: filters.to_vec(),
+                minimum_should_match: None,
+                boost: 1.0,
+            };
+            sub.track_total_hits = TrackTotal::Exact;
+            let result = run_search(indices, &sub, rest_total_hits_as_int)?;
+            Ok(result["hits"].clone())
+        };
+        plan.fill_top_hits(&mut aggregations, &[], &mut run)?;
+        body["aggregations"] = aggregations;
     }
     Ok(body)
 }
