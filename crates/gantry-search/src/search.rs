@@ -482,16 +482,20 @@ pub enum SortValue {
 }
 
 impl SortValue {
-    fn from_json(v: &Value) -> Self {
-        match v {
-            Value::Number(n) => Self::Num(n.as_f64().unwrap_or(0.0)),
-            Value::String(s) => match crate::date::parse(s, None) {
-                Ok(ms) if crate::date::looks_like_date(s) => Self::Num(ms as f64),
-                _ => s
-                    .parse::<f64>()
-                    .map_or_else(|_| Self::Str(s.clone()), Self::Num),
-            },
-            Value::Bool(b) => Self::Num(if *b { 1.0 } else { 0.0 }),
+    /// A `search_after` value, read as the sort field's type (`None`: `_score`, `_doc` or
+    /// unmapped).
+    fn from_json(v: &Value, ty: Option<FieldType>) -> Self {
+        match (v, ty) {
+            (Value::String(s), Some(FieldType::Keyword)) => Self::Str(s.clone()),
+            (Value::Number(n), Some(FieldType::Keyword)) => Self::Str(n.to_string()),
+            (Value::String(s), Some(FieldType::Date)) => {
+                crate::date::parse(s, None).map_or(Self::Missing, |ms| Self::Num(ms as f64))
+            }
+            (Value::Number(n), _) => Self::Num(n.as_f64().unwrap_or(0.0)),
+            (Value::String(s), _) => s
+                .parse::<f64>()
+                .map_or_else(|_| Self::Str(s.clone()), Self::Num),
+            (Value::Bool(b), _) => Self::Num(if *b { 1.0 } else { 0.0 }),
             _ => Self::Missing,
         }
     }
@@ -580,14 +584,22 @@ pub struct HitCollector {
 impl HitCollector {
     /// A collector for `sort` over documents of `mapping`.
     pub fn new(req: &SearchRequest, mapping: Arc<Mapping>) -> Self {
+        let after = req.search_after.as_ref().map(|a| {
+            let sort = req.effective_sort();
+            Arc::new(
+                a.iter()
+                    .zip(&sort)
+                    .map(|(v, spec)| {
+                        SortValue::from_json(v, mapping.leaf(&spec.field).map(|l| l.ty))
+                    })
+                    .collect(),
+            )
+        });
         Self {
             sort: Arc::new(req.effective_sort()),
             mapping,
             limit: req.from + req.size,
-            after: req
-                .search_after
-                .as_ref()
-                .map(|a| Arc::new(a.iter().map(SortValue::from_json).collect())),
+            after,
             scoring: req.scores(),
         }
     }
