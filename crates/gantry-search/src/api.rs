@@ -573,7 +573,7 @@ async fn cat_indices_for(
                     settings.number_of_shards.to_string(),
                     settings.number_of_replicas.to_string(),
                     i.doc_count().to_string(),
-                    "0".to_owned(),
+                    i.deleted_count().to_string(),
                     format_bytes(size),
                     format_bytes(size),
                     format_bytes(size),

@@ -296,6 +296,11 @@ impl IndexHandle {
         self.shards.iter().map(Shard::doc_count).sum()
     }
 
+    /// Deleted documents not yet merged away, over all shards.
+    pub fn deleted_count(&self) -> u64 {
+        self.shards.iter().map(Shard::deleted_count).sum()
+    }
+
     /// Bytes on disk.
     pub fn size_in_bytes(&self) -> u64 {
         self.shards.iter().map(Shard::size_in_bytes).sum()

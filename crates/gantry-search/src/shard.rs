@@ -649,6 +649,15 @@ impl Shard {
         self.searcher().num_docs()
     }
 
+    /// Deleted (or replaced) documents still held by segments visible to search.
+    pub fn deleted_count(&self) -> u64 {
+        self.searcher()
+            .segment_readers()
+            .iter()
+            .map(|r| u64::from(r.num_deleted_docs()))
+            .sum()
+    }
+
     /// Bytes the shard uses on disk.
     pub fn size_in_bytes(&self) -> u64 {
         dir_size(&self.dir)
