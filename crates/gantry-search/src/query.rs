@@ -8,8 +8,8 @@ use std::ops::Bound;
 use serde_json::{Map, Value};
 use tantivy::Term;
 use tantivy::query::{
-    AllQuery, BooleanQuery, BoostQuery, ConstScoreQuery, DisjunctionMaxQuery, EmptyQuery, Occur,
-    PhraseQuery, Query, RangeQuery, RegexQuery, TermQuery, TermSetQuery,
+    AllQuery, BooleanQuery, BoostQuery, ConstScoreQuery, DisjunctionMaxQuery, EmptyQuery,
+    FuzzyTermQuery, Occur, PhraseQuery, Query, RangeQuery, RegexQuery, TermQuery, TermSetQuery,
 };
 use tantivy::schema::{Field, IndexRecordOption};
 use tantivy::tokenizer::TextAnalyzer;
@@ -75,6 +75,68 @@ impl MinimumShouldMatch {
     }
 }
 
+/// `fuzziness`: a fixed edit distance, or ES's `AUTO[:low,high]` by term length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fuzziness {
+    /// 0, 1 or 2 edits.
+    Fixed(u8),
+    /// No edits below `low` characters, one below `high`, two from `high` on.
+    Auto {
+        /// Default 3.
+        low: usize,
+        /// Default 6.
+        high: usize,
+    },
+}
+
+impl Fuzziness {
+    fn parse(v: &Value) -> Result<Self, EsError> {
+        let bad = || EsError::parsing(format!("invalid fuzziness [{v}]; use 0, 1, 2 or AUTO"));
+        let text = match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            _ => return Err(bad()),
+        };
+        let text = text.trim();
+        if let Some(rest) = text.strip_prefix("AUTO") {
+            if rest.is_empty() {
+                return Ok(Self::Auto { low: 3, high: 6 });
+            }
+            let (low, high) = rest
+                .strip_prefix(':')
+                .and_then(|r| r.split_once(','))
+                .ok_or_else(bad)?;
+            return Ok(Self::Auto {
+                low: low.trim().parse().map_err(|_| bad())?,
+                high: high.trim().parse().map_err(|_| bad())?,
+            });
+        }
+        match text.parse::<f64>().map_err(|_| bad())? {
+            0.0 => Ok(Self::Fixed(0)),
+            1.0 => Ok(Self::Fixed(1)),
+            2.0 => Ok(Self::Fixed(2)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The edit distance for a term.
+    pub fn distance(self, term: &str) -> u8 {
+        match self {
+            Self::Fixed(d) => d,
+            Self::Auto { low, high } => {
+                let len = term.chars().count();
+                if len < low {
+                    0
+                } else if len < high {
+                    1
+                } else {
+                    2
+                }
+            }
+        }
+    }
+}
+
 /// A parsed query.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QueryAst {
@@ -95,6 +157,8 @@ pub enum QueryAst {
         operator: Operator,
         /// For `or`.
         minimum_should_match: Option<MinimumShouldMatch>,
+        /// Edit distance per term.
+        fuzziness: Option<Fuzziness>,
         /// Boost.
         boost: f32,
     },
@@ -121,6 +185,8 @@ pub enum QueryAst {
         operator: Operator,
         /// Within each field.
         minimum_should_match: Option<MinimumShouldMatch>,
+        /// Edit distance per term.
+        fuzziness: Option<Fuzziness>,
         /// Dis-max tie breaker.
         tie_breaker: f32,
         /// Boost.
@@ -267,10 +333,12 @@ fn check_keys(obj: &Map<String, Value>, what: &str, allowed: &[&str]) -> Result<
 
 /// Options this engine accepts only at their default, refused otherwise rather than ignored.
 fn check_text_options(obj: &Map<String, Value>, what: &str) -> Result<(), EsError> {
-    if obj.contains_key("fuzziness") {
-        return Err(EsError::illegal_argument(format!(
-            "[{what}] [fuzziness] is not supported yet"
-        )));
+    if let Some(p) = obj.get("prefix_length") {
+        if p.as_u64() != Some(0) {
+            return Err(EsError::illegal_argument(format!(
+                "[{what}] prefix_length {p} is not supported yet"
+            )));
+        }
     }
     if let Some(a) = obj.get("analyzer") {
         if !matches!(a.as_str(), Some("standard" | "default")) {
@@ -366,6 +434,8 @@ pub fn parse(v: &Value) -> Result<QueryAst, EsError> {
                         "minimum_should_match",
                         "analyzer",
                         "fuzziness",
+                        "prefix_length",
+                        "max_expansions",
                         "lenient",
                         "zero_terms_query",
                         "auto_generate_synonyms_phrase_query",
@@ -379,6 +449,7 @@ pub fn parse(v: &Value) -> Result<QueryAst, EsError> {
                         .get("minimum_should_match")
                         .map(MinimumShouldMatch::parse)
                         .transpose()?,
+                    fuzziness: o.get("fuzziness").map(Fuzziness::parse).transpose()?,
                     boost,
                 })
             } else {
@@ -413,6 +484,9 @@ pub fn parse(v: &Value) -> Result<QueryAst, EsError> {
                     "tie_breaker",
                     "analyzer",
                     "lenient",
+                    "fuzziness",
+                    "prefix_length",
+                    "max_expansions",
                 ],
             )?;
             let query = o
@@ -451,10 +525,15 @@ pub fn parse(v: &Value) -> Result<QueryAst, EsError> {
                     )));
                 }
             };
+            let fuzziness = o.get("fuzziness").map(Fuzziness::parse).transpose()?;
+            if fuzziness.is_some() && kind_ == MultiMatchKind::Phrase {
+                return Err(EsError::parsing("fuzziness not allowed for type [phrase]"));
+            }
             Ok(QueryAst::MultiMatch {
                 fields,
                 query,
                 kind: kind_,
+                fuzziness,
                 operator: parse_operator(o.get("operator"))?,
                 minimum_should_match: o
                     .get("minimum_should_match")
@@ -662,6 +741,15 @@ fn shard_error(reason: String) -> EsError {
     EsError::new(ErrorKind::QueryShard, reason)
 }
 
+/// A term query, or a fuzzy one (transpositions count as one edit, as in ES) when `distance > 0`.
+fn fuzzy_or_exact(term: Term, distance: u8) -> Box<dyn Query> {
+    if distance == 0 {
+        Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs))
+    } else {
+        Box::new(FuzzyTermQuery::new(term, distance, true))
+    }
+}
+
 fn boosted(q: Box<dyn Query>, boost: f32) -> Box<dyn Query> {
     if (boost - 1.0).abs() < f32::EPSILON {
         q
@@ -721,9 +809,10 @@ impl Context<'_> {
                 query,
                 operator,
                 minimum_should_match,
+                fuzziness,
                 boost,
             } => boosted(
-                self.match_query(field, query, *operator, *minimum_should_match)?,
+                self.match_query(field, query, *operator, *minimum_should_match, *fuzziness)?,
                 *boost,
             ),
             QueryAst::MatchPhrase {
@@ -738,6 +827,7 @@ impl Context<'_> {
                 kind,
                 operator,
                 minimum_should_match,
+                fuzziness,
                 tie_breaker,
                 boost,
             } => {
@@ -760,7 +850,13 @@ impl Context<'_> {
                         MultiMatchKind::Phrase => {
                             self.phrase(path, &string_value(query, "multi_match")?, 0)?
                         }
-                        _ => self.match_query(path, query, *operator, *minimum_should_match)?,
+                        _ => self.match_query(
+                            path,
+                            query,
+                            *operator,
+                            *minimum_should_match,
+                            *fuzziness,
+                        )?,
                     };
                     parts.push(boosted(q, *b));
                 }
@@ -1026,10 +1122,18 @@ impl Context<'_> {
         query: &Value,
         operator: Operator,
         msm: Option<MinimumShouldMatch>,
+        fuzziness: Option<Fuzziness>,
     ) -> Result<Box<dyn Query>, EsError> {
         let Some(leaf) = self.mapping.leaf(field) else {
             return Ok(Box::new(EmptyQuery));
         };
+        if leaf.ty == FieldType::Keyword {
+            if let (Some(f), Some(text)) = (fuzziness, query.as_str()) {
+                let mut t = path_term(self.fields.keyword, field);
+                t.append_type_and_str(text);
+                return Ok(fuzzy_or_exact(t, f.distance(text)));
+            }
+        }
         if leaf.ty != FieldType::Text {
             return self.exact(field, &leaf, query);
         }
@@ -1039,7 +1143,8 @@ impl Context<'_> {
         for (_, token) in &tokens {
             let mut t = path_term(self.fields.text, field);
             t.append_type_and_str(token);
-            terms.push(Box::new(TermQuery::new(t, IndexRecordOption::WithFreqs)));
+            let distance = fuzziness.map_or(0, |f| f.distance(token));
+            terms.push(fuzzy_or_exact(t, distance));
         }
         Ok(match (terms.len(), operator) {
             (0, _) => Box::new(EmptyQuery),
@@ -1319,6 +1424,54 @@ mod tests {
             let err = parse(&case).expect_err("must fail");
             assert_eq!(err.kind, ErrorKind::Parsing, "{case}");
             assert!(err.reason.contains(needle), "{case}: {}", err.reason);
+        }
+    }
+
+    #[test]
+    fn fuzziness_follows_es() {
+        let auto = Fuzziness::parse(&json!("AUTO")).expect("auto");
+        assert_eq!(
+            (
+                auto.distance("ab"),
+                auto.distance("abc"),
+                auto.distance("abcdef")
+            ),
+            (0, 1, 2)
+        );
+        let custom = Fuzziness::parse(&json!("AUTO:2,4")).expect("custom");
+        assert_eq!(
+            (
+                custom.distance("a"),
+                custom.distance("ab"),
+                custom.distance("abcd")
+            ),
+            (0, 1, 2)
+        );
+        assert_eq!(
+            Fuzziness::parse(&json!(1)).expect("one"),
+            Fuzziness::Fixed(1)
+        );
+        assert_eq!(
+            Fuzziness::parse(&json!("2")).expect("two"),
+            Fuzziness::Fixed(2)
+        );
+        for bad in [json!(3), json!("AUTO:x"), json!("lots"), json!(true)] {
+            assert!(Fuzziness::parse(&bad).is_err(), "{bad}");
+        }
+        let err = parse(&json!({"multi_match": {"query": "x", "type": "phrase", "fuzziness": 1}}))
+            .expect_err("phrase");
+        assert_eq!(err.kind, ErrorKind::Parsing);
+    }
+
+    #[test]
+    fn options_not_honoured_are_refused() {
+        for unsupported in [
+            json!({"match": {"a": {"query": "x", "fuzziness": "AUTO", "prefix_length": 2}}}),
+            json!({"match": {"a": {"query": "x", "analyzer": "english"}}}),
+            json!({"match_phrase": {"a": {"query": "x", "zero_terms_query": "all"}}}),
+        ] {
+            let err = parse(&unsupported).expect_err("refused, not ignored");
+            assert_eq!(err.kind, ErrorKind::IllegalArgument, "{unsupported}");
         }
     }
 
