@@ -1031,3 +1031,137 @@ pub fn merge_json(target: &mut Value, patch: &Value) {
         (t, p) => *t = p.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::translog::encode;
+
+    fn index_op(mapping: &Mapping, id: &str, source: Value) -> WriteOp {
+        let (parsed, _) = mapping.parse_document(&source, id).expect("valid document");
+        WriteOp::Index {
+            id: id.to_owned(),
+            source: source.to_string(),
+            parsed,
+            create: false,
+            cond: Conditions::default(),
+        }
+    }
+
+    fn options() -> ShardOptions {
+        ShardOptions {
+            refresh_interval: None,
+            ..ShardOptions::default()
+        }
+    }
+
+    /// A crash after a commit and before the translog truncation leaves frames the commit already
+    /// holds: replay skips them and applies only the later ones.
+    #[tokio::test]
+    async fn replay_skips_operations_the_commit_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mapping = Mapping::default();
+        let shared_mapping = Arc::new(RwLock::new(mapping.clone()));
+        {
+            let (shard, _) =
+                Shard::open(dir.path(), shared_mapping.clone(), options()).expect("open");
+            let out = shard
+                .write(vec![index_op(&mapping, "x", json!({"v": "committed"}))])
+                .await
+                .expect("written");
+            assert_eq!(out[0].as_ref().map(|o| o.seq_no).ok(), Some(0));
+            shard.refresh().await.expect("refresh");
+        }
+        // Frames as the crash would leave them: seq_no 0 (already committed, with a different
+        // source to prove it is skipped) and seq_no 1 (acknowledged, not committed).
+        let mut frames = encode(&Op {
+            seq_no: 0,
+            version: 1,
+            id: "x".into(),
+            kind: OpKind::Index {
+                source: r#"{"v":"stale"}"#.into(),
+            },
+        });
+        frames.extend(encode(&Op {
+            seq_no: 1,
+            version: 1,
+            id: "y".into(),
+            kind: OpKind::Index {
+                source: r#"{"v":"logged"}"#.into(),
+            },
+        }));
+        std::fs::write(dir.path().join("translog"), frames).expect("translog");
+
+        let (shard, recovery) = Shard::open(dir.path(), shared_mapping, options()).expect("open");
+        assert_eq!(recovery.committed_docs, 1);
+        assert_eq!(recovery.replayed_ops, 1);
+        let x = shard.get("x").expect("get").expect("x exists");
+        assert_eq!(&*x.source, r#"{"v":"committed"}"#);
+        let y = shard.get("y").expect("get").expect("y replayed");
+        assert_eq!((y.seq_no, y.version), (1, 1));
+        assert_eq!(
+            shard.doc_count(),
+            2,
+            "replayed operations are committed at open"
+        );
+        // New writes continue after the highest sequence number seen.
+        let out = shard
+            .write(vec![index_op(&mapping, "x", json!({"v": "new"}))])
+            .await
+            .expect("written");
+        let o = out[0].as_ref().expect("ok");
+        assert_eq!(
+            (o.seq_no, o.version, o.result),
+            (2, 2, WriteResult::Updated)
+        );
+    }
+
+    #[tokio::test]
+    async fn conditions_and_create_conflicts_change_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mapping = Mapping::default();
+        let (shard, _) = Shard::open(
+            dir.path(),
+            Arc::new(RwLock::new(mapping.clone())),
+            options(),
+        )
+        .expect("open");
+        let mut create = index_op(&mapping, "a", json!({"n": 1}));
+        if let WriteOp::Index { create: c, .. } = &mut create {
+            *c = true;
+        }
+        let mut stale = index_op(&mapping, "a", json!({"n": 3}));
+        if let WriteOp::Index { cond, .. } = &mut stale {
+            cond.if_seq_no = Some(7);
+        }
+        let out = shard
+            .write(vec![
+                create.clone(),
+                create,
+                stale,
+                WriteOp::Delete {
+                    id: "missing".into(),
+                    cond: Conditions::default(),
+                },
+            ])
+            .await
+            .expect("written");
+        assert!(out[0].is_ok());
+        assert_eq!(
+            out[1].as_ref().err().map(|e| e.kind),
+            Some(ErrorKind::VersionConflict)
+        );
+        assert_eq!(
+            out[2].as_ref().err().map(|e| e.kind),
+            Some(ErrorKind::VersionConflict)
+        );
+        assert_eq!(
+            out[3].as_ref().map(|o| o.result).ok(),
+            Some(WriteResult::NotFound)
+        );
+        let a = shard.get("a").expect("get").expect("a");
+        assert_eq!((a.seq_no, a.version, &*a.source), (0, 1, r#"{"n":1}"#));
+    }
+}
