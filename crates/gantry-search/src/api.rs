@@ -1571,6 +1571,20 @@ fn run_search(
         if let Some(source) = search::hit_source(&doc, &fields, &req.source) {
             h["_source"] = source;
         }
+        if let Some(highlight) = &req.highlight {
+            let stored = crate::shard::stored_doc(&doc, &fields);
+            let source: Value = serde_json::from_str(&stored.source).unwrap_or(Value::Null);
+            let mut analyzer = index.shards()[hit.origin.1]
+                .index()
+                .tokenizers()
+                .get("default")
+                .ok_or_else(|| EsError::internal("default tokenizer missing"))?;
+            if let Some(marked) =
+                highlight.apply(&req.query, &index.mapping(), &mut analyzer, &source)
+            {
+                h["highlight"] = marked;
+            }
+        }
         if sorted {
             h["sort"] = search::sort_json(hit, req, &index.mapping());
         }

@@ -8,6 +8,7 @@ pub mod aggs;
 pub mod api;
 pub mod date;
 pub mod error;
+pub mod highlight;
 pub mod mapping;
 pub mod metrics;
 pub mod node;

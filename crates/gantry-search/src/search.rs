@@ -91,6 +91,8 @@ pub struct SearchRequest {
     pub seq_no_primary_term: bool,
     /// Compute scores even when sorting by fields.
     pub track_scores: bool,
+    /// `highlight`.
+    pub highlight: Option<crate::highlight::Highlight>,
 }
 
 fn usize_of(v: &Value, key: &str) -> Result<usize, EsError> {
@@ -121,6 +123,7 @@ impl SearchRequest {
             version: false,
             seq_no_primary_term: false,
             track_scores: false,
+            highlight: None,
         };
         for (key, value) in obj {
             match key.as_str() {
@@ -154,8 +157,9 @@ impl SearchRequest {
                 "seq_no_primary_term" => req.seq_no_primary_term = value.as_bool().unwrap_or(false),
                 "track_scores" => req.track_scores = value.as_bool().unwrap_or(false),
                 "timeout" | "stored_fields" => {}
-                "explain" | "profile" | "highlight" | "suggest" | "rescore" | "collapse"
-                | "post_filter" | "min_score" | "script_fields" | "docvalue_fields" | "pit"
+                "highlight" => req.highlight = Some(crate::highlight::Highlight::parse(value)?),
+                "explain" | "profile" | "suggest" | "rescore" | "collapse" | "post_filter"
+                | "min_score" | "script_fields" | "docvalue_fields" | "pit"
                 | "runtime_mappings" | "knn" => {
                     return Err(EsError::illegal_argument(format!(
                         "[{key}] is not supported yet"
