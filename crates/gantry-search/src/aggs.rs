@@ -113,10 +113,27 @@ fn rewrite_field(
     }
     body.insert("field".into(), json!(format!("{KEYWORD_FIELD}.{field}")));
     if kind == "date_histogram" {
-        if body.contains_key("format") || body.contains_key("time_zone") {
-            return Err(EsError::illegal_argument(
-                "[date_histogram] does not support [format] or [time_zone] yet",
-            ));
+        if let Some(tz) = body.remove("time_zone") {
+            if !matches!(
+                tz.as_str(),
+                Some("UTC" | "Z" | "+00:00" | "Etc/UTC" | "GMT")
+            ) {
+                return Err(EsError::illegal_argument(format!(
+                    "[date_histogram] time_zone {tz} is not supported yet (only UTC)"
+                )));
+            }
+        }
+        if let Some(format) = body.remove("format") {
+            let Some(f) = format.as_str() else {
+                return Err(EsError::parsing(
+                    "[date_histogram] [format] must be a string",
+                ));
+            };
+            crate::date::check_format(f).map_err(|e| {
+                EsError::illegal_argument(format!("[date_histogram] invalid format [{f}]: {e}"))
+            })?;
+            // Kept for the response's `key_as_string`; tantivy does not take it.
+            body.insert("_es_format".into(), format);
         }
         if let Some(calendar) = body.remove("calendar_interval") {
             let fixed = match calendar.as_str() {
@@ -224,10 +241,14 @@ impl Plan {
                     let mut body = object(body, k)?.clone();
                     let es_field = body.get("field").cloned();
                     rewrite_field(k, &mut body, mappings)?;
+                    let es_format = body.remove("_es_format");
                     let mut rewritten = Map::new();
                     rewritten.insert(k.to_owned(), Value::Object(body));
                     let mut es_entry = Map::new();
                     es_entry.insert("type".into(), json!(k));
+                    if let Some(f) = es_format {
+                        es_entry.insert("format".into(), f);
+                    }
                     if let Some(sub) = sub {
                         // `top_hits` under `terms` runs as a search per bucket (the bucket key
                         // as a filter); tantivy's own top_hits returns no `_source`.
@@ -531,9 +552,8 @@ fn shape(es: &Value, v: &mut Value) {
                 if let Some(ms) = b.get("key").and_then(Value::as_f64) {
                     let ms = ms as i64;
                     b["key"] = json!(ms);
-                    if let Some(dt) = chrono::DateTime::from_timestamp_millis(ms) {
-                        b["key_as_string"] = json!(dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
-                    }
+                    b["key_as_string"] =
+                        json!(crate::date::format_millis(ms, es["format"].as_str()));
                 }
             }
         }

@@ -181,6 +181,35 @@ fn java_to_chrono(pattern: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Formats epoch milliseconds with the first alternative of `format` (ES's default when `None`).
+pub fn format_millis(ms: i64, format: Option<&str>) -> String {
+    let first = format
+        .unwrap_or(DEFAULT_FORMAT)
+        .split("||")
+        .next()
+        .unwrap_or_default();
+    let Some(dt) = chrono::DateTime::from_timestamp_millis(ms) else {
+        return ms.to_string();
+    };
+    let pattern = match first {
+        "strict_date_optional_time" | "date_optional_time" | "strict_date_time" | "date_time" => {
+            "%Y-%m-%dT%H:%M:%S%.3fZ".to_owned()
+        }
+        "epoch_millis" => return ms.to_string(),
+        "epoch_second" => return ms.div_euclid(1000).to_string(),
+        "strict_date" | "date" => "%Y-%m-%d".to_owned(),
+        "basic_date" => "%Y%m%d".to_owned(),
+        "strict_date_hour_minute_second" | "date_hour_minute_second" => {
+            "%Y-%m-%dT%H:%M:%S".to_owned()
+        }
+        pattern => match java_to_chrono(pattern) {
+            Ok(p) => p,
+            Err(_) => return ms.to_string(),
+        },
+    };
+    dt.format(&pattern).to_string()
+}
+
 /// Evaluates a range bound: date math (`now`, `now-1d/d`, `2024-01-01||+1M`) or a date in
 /// `format`. `now` is a parameter so tests are deterministic. With `round_up` (ES does this for
 /// `gt` and `lte`), a rounding `/unit` goes to the last millisecond of the unit instead of its
@@ -316,6 +345,19 @@ mod tests {
         );
         assert!(check_format("yyyy-MM-dd||epoch_millis").is_ok());
         assert!(check_format("qqq").is_err());
+    }
+
+    #[test]
+    fn formatting() {
+        let ms = 1_704_153_601_250;
+        assert_eq!(format_millis(ms, None), "2024-01-02T00:00:01.250Z");
+        assert_eq!(format_millis(ms, Some("yyyy-MM-dd")), "2024-01-02");
+        assert_eq!(
+            format_millis(ms, Some("yyyy/MM/dd HH:mm||epoch_millis")),
+            "2024/01/02 00:00"
+        );
+        assert_eq!(format_millis(ms, Some("epoch_millis")), "1704153601250");
+        assert_eq!(format_millis(ms, Some("epoch_second")), "1704153601");
     }
 
     #[test]
