@@ -284,7 +284,6 @@ fn index_error(e: EsError, index: &str) -> EsError {
 
 /// Applies the `refresh` parameter after writes to `shard` whose highest `_seq_no` is `seq_no`.
 async fn settle(
-    state: &AppState,
     index: &IndexHandle,
     shard: &crate::shard::Shard,
     seq_no: u64,
@@ -292,13 +291,13 @@ async fn settle(
 ) -> Result<(), EsError> {
     match refresh {
         None => Ok(()),
-        Some(true) => force_refresh(state, index).await,
+        Some(true) => force_refresh(index).await,
         Some(false) => shard.wait_for(seq_no).await,
     }
 }
 
 /// Forces a refresh of every shard of `index` (each shard observes its own duration).
-async fn force_refresh(_state: &AppState, index: &IndexHandle) -> Result<(), EsError> {
+async fn force_refresh(index: &IndexHandle) -> Result<(), EsError> {
     index.refresh().await
 }
 
@@ -447,10 +446,10 @@ async fn get_settings(State(state): State<AppState>, Path(name): Path<String>) -
     ok(Value::Object(out))
 }
 
-async fn refresh_indices(state: &AppState, indices: Vec<Arc<IndexHandle>>) -> ApiResult {
+async fn refresh_indices(indices: Vec<Arc<IndexHandle>>) -> ApiResult {
     let mut shards = 0;
     for index in &indices {
-        force_refresh(state, index).await?;
+        force_refresh(index).await?;
         shards += index.shards().len();
     }
     ok(json!({ "_shards": { "total": shards, "successful": shards, "failed": 0 } }))
@@ -458,12 +457,12 @@ async fn refresh_indices(state: &AppState, indices: Vec<Arc<IndexHandle>>) -> Ap
 
 async fn refresh(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult {
     let indices = state.node.resolve(&name)?;
-    refresh_indices(&state, indices).await
+    refresh_indices(indices).await
 }
 
 async fn refresh_all(State(state): State<AppState>) -> ApiResult {
     let indices = state.node.all();
-    refresh_indices(&state, indices).await
+    refresh_indices(indices).await
 }
 
 fn health_of(indices: &[Arc<IndexHandle>]) -> &'static str {
@@ -555,7 +554,6 @@ fn cat(params: &HashMap<String, String>, columns: &[&str], rows: Vec<Vec<String>
 }
 
 async fn cat_indices_for(
-    state: &AppState,
     indices: Vec<Arc<IndexHandle>>,
     params: &HashMap<String, String>,
 ) -> ApiResult {
@@ -582,7 +580,6 @@ async fn cat_indices_for(
             .collect::<Vec<_>>())
     })
     .await?;
-    let _ = state;
     cat(
         params,
         &[
@@ -619,7 +616,7 @@ fn format_bytes(n: u64) -> String {
 
 async fn cat_indices_all(State(state): State<AppState>, Query(params): Params) -> ApiResult {
     let indices = state.node.all();
-    cat_indices_for(&state, indices, &params).await
+    cat_indices_for(indices, &params).await
 }
 
 async fn cat_indices(
@@ -628,7 +625,7 @@ async fn cat_indices(
     Query(params): Params,
 ) -> ApiResult {
     let indices = state.node.resolve(&name)?;
-    cat_indices_for(&state, indices, &params).await
+    cat_indices_for(indices, &params).await
 }
 
 async fn cat_health(State(state): State<AppState>, Query(params): Params) -> ApiResult {
@@ -745,7 +742,7 @@ async fn write_one(
         .map_err(|e| index_error(e, &index.name))?;
     state.metrics.documents_indexed.inc();
     let mut body = write_body(&index, &id, &outcome);
-    settle(state, &index, shard, outcome.seq_no, refresh).await?;
+    settle(&index, shard, outcome.seq_no, refresh).await?;
     if refresh == Some(true) {
         body["forced_refresh"] = json!(true);
     }
@@ -898,7 +895,7 @@ async fn delete_doc(
         .pop()
         .ok_or_else(|| EsError::internal("shard returned no result"))?
         .map_err(|e| index_error(e, &name))?;
-    settle(&state, &index, shard, outcome.seq_no, refresh).await?;
+    settle(&index, shard, outcome.seq_no, refresh).await?;
     let status = if outcome.result == WriteResult::NotFound {
         StatusCode::NOT_FOUND
     } else {
@@ -996,7 +993,7 @@ async fn update_doc(
     if outcome.result != WriteResult::Noop {
         state.metrics.documents_indexed.inc();
     }
-    settle(&state, &index, shard, outcome.seq_no, refresh).await?;
+    settle(&index, shard, outcome.seq_no, refresh).await?;
     let status = if outcome.result == WriteResult::Created {
         StatusCode::CREATED
     } else {
@@ -1352,7 +1349,7 @@ async fn bulk_impl(
         if refresh == Some(true) && refreshed.iter().any(|r| Arc::ptr_eq(r, index)) {
             continue;
         }
-        settle(state, index, &index.shards()[*shard_no], *seq_no, refresh).await?;
+        settle(index, &index.shards()[*shard_no], *seq_no, refresh).await?;
         refreshed.push(index.clone());
     }
     let mut errors = false;
@@ -1908,7 +1905,7 @@ async fn delete_by_query(
         None => {}
         Some(true) => {
             for index in &indices {
-                force_refresh(&state, index).await?;
+                force_refresh(index).await?;
             }
         }
         Some(false) => {

@@ -860,7 +860,7 @@ impl Worker {
             } => {
                 let prior = self.check(&id, cond)?;
                 let current = shared.current(&id)?;
-                let (new_source, current_version) = match current {
+                let new_source = match current {
                     Some(current) => {
                         let mut merged: Value =
                             serde_json::from_str(&current.source).map_err(|e| {
@@ -881,11 +881,11 @@ impl Worker {
                                 version: current.version,
                             });
                         }
-                        (merged, Some(current.version))
+                        merged
                     }
                     None => match (doc_as_upsert, doc, upsert) {
-                        (_, _, Some(upsert)) => (upsert, None),
-                        (true, Some(doc), None) => (doc, None),
+                        (_, _, Some(upsert)) => upsert,
+                        (true, Some(doc), None) => doc,
                         _ => {
                             return Err(EsError::new(
                                 ErrorKind::DocumentMissing,
@@ -894,7 +894,6 @@ impl Worker {
                         }
                     },
                 };
-                let _ = current_version;
                 let parsed = {
                     let mapping = shared.mapping.read().unwrap_or_else(|e| e.into_inner());
                     mapping.parse_document(&new_source, &id)?.0
