@@ -95,6 +95,10 @@ impl FieldType {
     }
 }
 
+/// Most leaf fields (multi-fields included) dynamic mapping may grow an index to (ES's
+/// `index.mapping.total_fields.limit`).
+pub const TOTAL_FIELDS_LIMIT: usize = 1000;
+
 /// What to do with fields a document has and the mapping lacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Dynamic {
@@ -550,6 +554,15 @@ impl Mapping {
         let dynamic = self.dynamic;
         parse_object(&mut grown.properties, dynamic, "", obj, id, &mut doc)?;
         let changed = grown.properties != self.properties;
+        if changed {
+            let fields = grown.leaves().len();
+            if fields > TOTAL_FIELDS_LIMIT {
+                return Err(EsError::illegal_argument(format!(
+                    "Limit of total fields [{TOTAL_FIELDS_LIMIT}] has been exceeded while adding new fields [{}]",
+                    fields - self.leaves().len()
+                )));
+            }
+        }
         Ok((doc, changed.then_some(grown)))
     }
 }
@@ -977,6 +990,23 @@ mod tests {
         let err = a.merge(&b).expect_err("type change");
         assert_eq!(err.kind, ErrorKind::IllegalArgument);
         assert!(a.leaf("y").is_none(), "a failed merge changes nothing");
+    }
+
+    #[test]
+    fn dynamic_mapping_stops_at_the_field_limit() {
+        let mut doc = serde_json::Map::new();
+        for n in 0..600 {
+            doc.insert(format!("f{n}"), json!("text"));
+        }
+        let err = Mapping::default()
+            .parse_document(&Value::Object(doc), "1")
+            .expect_err("1200 fields with their keyword sub-fields");
+        assert_eq!(err.kind, ErrorKind::IllegalArgument);
+        assert!(
+            err.reason.contains("Limit of total fields [1000]"),
+            "{}",
+            err.reason
+        );
     }
 
     #[test]
