@@ -112,6 +112,42 @@ fn rewrite_field(
         }
     }
     body.insert("field".into(), json!(format!("{KEYWORD_FIELD}.{field}")));
+    let is_date = mappings
+        .iter()
+        .any(|m| m.leaf(&field).is_some_and(|l| l.ty == FieldType::Date));
+    if is_date {
+        // tantivy computes date metrics and ranges in nanoseconds; ES speaks milliseconds.
+        match kind {
+            "terms" | "extended_stats" => {
+                return Err(EsError::illegal_argument(format!(
+                    "[{kind}] on date field [{field}] is not supported yet"
+                )));
+            }
+            "range" => {
+                if let Some(Value::Array(ranges)) = body.get_mut("ranges") {
+                    for range in ranges.iter_mut() {
+                        for bound in ["from", "to"] {
+                            if let Some(v) = range.get(bound) {
+                                let ms = match v {
+                                    Value::Number(n) => n.as_f64(),
+                                    Value::String(s) => {
+                                        crate::date::parse(s, None).ok().map(|ms| ms as f64)
+                                    }
+                                    _ => None,
+                                }
+                                .ok_or_else(|| {
+                                    EsError::parsing(format!("[range] invalid date bound {v}"))
+                                })?;
+                                range[bound] = json!(ms * 1e6);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        body.insert("_es_date".into(), json!(true));
+    }
     if kind == "date_histogram" {
         if let Some(tz) = body.remove("time_zone") {
             if !matches!(
@@ -242,12 +278,16 @@ impl Plan {
                     let es_field = body.get("field").cloned();
                     rewrite_field(k, &mut body, mappings)?;
                     let es_format = body.remove("_es_format");
+                    let es_date = body.remove("_es_date");
                     let mut rewritten = Map::new();
                     rewritten.insert(k.to_owned(), Value::Object(body));
                     let mut es_entry = Map::new();
                     es_entry.insert("type".into(), json!(k));
                     if let Some(f) = es_format {
                         es_entry.insert("format".into(), f);
+                    }
+                    if let Some(d) = es_date {
+                        es_entry.insert("date".into(), d);
                     }
                     if let Some(sub) = sub {
                         // `top_hits` under `terms` runs as a search per bucket (the bucket key
@@ -535,6 +575,67 @@ impl Plan {
     }
 }
 
+/// Converts tantivy's nanosecond date results to ES's milliseconds with `*_as_string` forms.
+fn date_units(kind: &str, v: &mut Value) {
+    let to_ms = |x: &Value| x.as_f64().map(|ns| (ns / 1e6).round());
+    let as_string = |ms: f64| json!(crate::date::format_millis(ms as i64, None));
+    match kind {
+        "min" | "max" | "avg" => {
+            if let Some(ms) = to_ms(&v["value"]) {
+                v["value"] = json!(ms);
+                v["value_as_string"] = as_string(ms);
+            }
+        }
+        "sum" => {
+            if let Some(ms) = to_ms(&v["value"]) {
+                v["value"] = json!(ms);
+            }
+        }
+        "stats" => {
+            for key in ["min", "max", "avg", "sum"] {
+                if let Some(ms) = to_ms(&v[key]) {
+                    v[key] = json!(ms);
+                    if key != "sum" {
+                        v[format!("{key}_as_string")] = as_string(ms);
+                    }
+                }
+            }
+        }
+        "percentiles" => {
+            if let Some(values) = v.get_mut("values").and_then(Value::as_object_mut) {
+                for x in values.values_mut() {
+                    if let Some(ms) = to_ms(x) {
+                        *x = json!(ms);
+                    }
+                }
+            }
+        }
+        "range" => {
+            if let Some(buckets) = v.get_mut("buckets").and_then(Value::as_array_mut) {
+                for b in buckets {
+                    let mut key = String::new();
+                    for (i, bound) in ["from", "to"].into_iter().enumerate() {
+                        if i == 1 {
+                            key.push('-');
+                        }
+                        match to_ms(&b[bound]) {
+                            Some(ms) => {
+                                b[bound] = json!(ms);
+                                let s = as_string(ms);
+                                key.push_str(s.as_str().unwrap_or_default());
+                                b[format!("{bound}_as_string")] = s;
+                            }
+                            None => key.push('*'),
+                        }
+                    }
+                    b["key"] = json!(key);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 fn agg_error(e: tantivy::TantivyError) -> EsError {
     match e {
         tantivy::TantivyError::InvalidArgument(m) => EsError::illegal_argument(m),
@@ -557,6 +658,9 @@ fn shape(es: &Value, v: &mut Value) {
                 }
             }
         }
+    }
+    if es["date"] == json!(true) && kind != "date_histogram" && kind != "histogram" {
+        date_units(kind, v);
     }
     if kind == "value_count" && v["value"].is_null() {
         v["value"] = json!(0);
