@@ -7,7 +7,8 @@
 //! response fixes where tantivy's shape differs from ES's. Does not own query meaning (`query`).
 //!
 //! Supported: `terms`, `stats`, `extended_stats`, `histogram`, `date_histogram`
-//! (`fixed_interval`; `calendar_interval` of a minute, hour or day), `range`, `avg`, `min`,
+//! (`fixed_interval`; `calendar_interval` of a minute, hour or day anywhere, and of a week,
+//! month, quarter or year at the top level), `range`, `avg`, `min`,
 //! `max`, `sum`, `value_count`, `percentiles`, `cardinality` at any depth; `filter` and `filters`
 //! at the top level or under another `filter`/`filters`; `top_hits` at the top level and under
 //! `terms`, `filter` and `filters`, each run as a search narrowed to its bucket (the bucket's key
@@ -59,6 +60,22 @@ pub struct Plan {
     filters: Vec<FilterAgg>,
     /// `top_hits` at this level: name and body (`size`, `from`, `sort`, `_source`, ...).
     top_hits: Vec<(String, Value)>,
+    /// The tantivy part as JSON, rebuilt into `tantivy` once calendar histograms are bound.
+    tantivy_json: Map<String, Value>,
+    /// Top-level `date_histogram`s with a week-or-longer `calendar_interval`, run as `range`
+    /// aggregations over calendar boundaries found by a first pass (see [`Plan::bind`]).
+    calendars: Vec<Calendar>,
+}
+
+#[derive(Debug, Clone)]
+struct Calendar {
+    name: String,
+    /// The fast-field column.
+    column: String,
+    unit: String,
+    min_doc_count: u64,
+    /// Rewritten sub-aggregations for tantivy.
+    sub: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -176,9 +193,15 @@ fn rewrite_field(
                 Some("minute" | "1m") => "1m",
                 Some("hour" | "1h") => "1h",
                 Some("day" | "1d") => "1d",
+                Some(
+                    unit @ ("week" | "1w" | "month" | "1M" | "quarter" | "1q" | "year" | "1y"),
+                ) => {
+                    body.insert("_es_calendar".into(), json!(unit));
+                    return Ok(());
+                }
                 _ => {
                     return Err(EsError::illegal_argument(format!(
-                        "[date_histogram] calendar_interval {calendar} is not supported yet; use fixed_interval"
+                        "[date_histogram] calendar_interval {calendar} is not supported"
                     )));
                 }
             };
@@ -196,7 +219,12 @@ fn rewrite_field(
 impl Plan {
     /// Checks an ES `aggs` object against the mappings of the searched indices.
     pub fn parse(aggs: &Value, mappings: &[Mapping]) -> Result<Self, EsError> {
+        Self::parse_level(aggs, mappings, true)
+    }
+
+    fn parse_level(aggs: &Value, mappings: &[Mapping], top: bool) -> Result<Self, EsError> {
         let obj = object(aggs, "aggs")?;
+        let mut calendars = Vec::new();
         let mut tantivy = Map::new();
         let mut es = Map::new();
         let mut filters = Vec::new();
@@ -254,8 +282,8 @@ impl Plan {
                         }
                     };
                     let sub = match sub {
-                        Some(s) => Plan::parse(s, mappings)?,
-                        None => Plan::parse(&json!({}), mappings)?,
+                        Some(s) => Plan::parse_level(s, mappings, false)?,
+                        None => Plan::parse_level(&json!({}), mappings, false)?,
                     };
                     filters.push(FilterAgg {
                         name: name.clone(),
@@ -289,6 +317,10 @@ impl Plan {
                     if let Some(d) = es_date {
                         es_entry.insert("date".into(), d);
                     }
+                    let calendar = match rewritten.get_mut(k).and_then(Value::as_object_mut) {
+                        Some(b) => b.remove("_es_calendar"),
+                        None => None,
+                    };
                     if let Some(sub) = sub {
                         // `top_hits` under `terms` runs as a search per bucket (the bucket key
                         // as a filter); tantivy's own top_hits returns no `_source`.
@@ -308,7 +340,7 @@ impl Plan {
                                 sub.remove(n);
                             }
                         }
-                        let sub_plan = Plan::parse(&Value::Object(sub), mappings)?;
+                        let sub_plan = Plan::parse_level(&Value::Object(sub), mappings, false)?;
                         if !hits.is_empty() {
                             for (n, spec) in &hits {
                                 check_top_hits(n, &spec["top_hits"])?;
@@ -337,6 +369,34 @@ impl Plan {
                         }
                         es_entry.insert("aggs".into(), Value::Object(sub_plan.es));
                     }
+                    if let Some(unit) = calendar {
+                        if !top {
+                            return Err(EsError::illegal_argument(format!(
+                                "[date_histogram] calendar_interval {unit} is supported only at the top level of aggs"
+                            )));
+                        }
+                        let body = &rewritten[k];
+                        for key in body.as_object().into_iter().flat_map(|b| b.keys()) {
+                            if !matches!(key.as_str(), "field" | "min_doc_count") {
+                                return Err(EsError::illegal_argument(format!(
+                                    "[date_histogram] [{key}] with a calendar_interval of [{unit}] is not supported yet"
+                                )));
+                            }
+                        }
+                        calendars.push(Calendar {
+                            name: name.clone(),
+                            column: body["field"].as_str().unwrap_or_default().to_owned(),
+                            unit: unit.as_str().unwrap_or_default().to_owned(),
+                            min_doc_count: body
+                                .get("min_doc_count")
+                                .and_then(Value::as_u64)
+                                .unwrap_or(0),
+                            sub: rewritten.get("aggs").cloned(),
+                        });
+                        es_entry.insert("type".into(), json!("calendar_histogram"));
+                        es.insert(name.clone(), Value::Object(es_entry));
+                        continue;
+                    }
                     tantivy.insert(name.clone(), Value::Object(rewritten));
                     es.insert(name.clone(), Value::Object(es_entry));
                 }
@@ -352,20 +412,104 @@ impl Plan {
                 }
             }
         }
-        let tantivy = if tantivy.is_empty() {
-            None
-        } else {
-            Some(
-                serde_json::from_value::<Aggregations>(Value::Object(tantivy))
-                    .map_err(|e| EsError::parsing(format!("invalid aggregation: {e}")))?,
-            )
-        };
-        Ok(Self {
-            tantivy,
+        let mut plan = Self {
+            tantivy: None,
             es,
             filters,
             top_hits,
-        })
+            tantivy_json: tantivy,
+            calendars,
+        };
+        plan.rebuild()?;
+        Ok(plan)
+    }
+
+    fn rebuild(&mut self) -> Result<(), EsError> {
+        self.tantivy = if self.tantivy_json.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_value::<Aggregations>(Value::Object(self.tantivy_json.clone()))
+                    .map_err(|e| EsError::parsing(format!("invalid aggregation: {e}")))?,
+            )
+        };
+        Ok(())
+    }
+
+    /// The first pass calendar histograms need: the date range of each one's field, as a tantivy
+    /// request (`None` when there is no calendar histogram).
+    pub fn bounds_request(&self) -> Option<Aggregations> {
+        if self.calendars.is_empty() {
+            return None;
+        }
+        let mut req = Map::new();
+        for (i, c) in self.calendars.iter().enumerate() {
+            req.insert(format!("b{i}"), json!({ "stats": { "field": c.column } }));
+        }
+        serde_json::from_value(Value::Object(req)).ok()
+    }
+
+    /// Runs the bounds request over one shard.
+    pub fn collect_bounds(
+        searcher: &Searcher,
+        query: &dyn Query,
+        request: &Aggregations,
+    ) -> Result<IntermediateAggregationResults, EsError> {
+        let context = AggContextParams::new(
+            AggregationLimitsGuard::default(),
+            searcher.index().tokenizers().clone(),
+        );
+        let collector = DistributedAggregationCollector::from_aggs(request.clone(), context);
+        searcher.search(query, &collector).map_err(agg_error)
+    }
+
+    /// Merges the shards' bounds into the final result [`Plan::bind`] takes.
+    pub fn merge_bounds(
+        request: &Aggregations,
+        parts: Vec<IntermediateAggregationResults>,
+    ) -> Result<Value, EsError> {
+        let mut merged: Option<IntermediateAggregationResults> = None;
+        for p in parts {
+            match &mut merged {
+                None => merged = Some(p),
+                Some(m) => m.merge_fruits(p).map_err(agg_error)?,
+            }
+        }
+        let result = merged
+            .unwrap_or_default()
+            .into_final_result(request.clone(), AggregationLimitsGuard::default())
+            .map_err(agg_error)?;
+        serde_json::to_value(&result).map_err(|e| EsError::internal(e.to_string()))
+    }
+
+    /// Turns each calendar histogram into a `range` aggregation over its calendar boundaries,
+    /// given the final result of [`Plan::bounds_request`].
+    pub fn bind(&mut self, bounds: &Value) -> Result<(), EsError> {
+        for (i, c) in self.calendars.iter().enumerate() {
+            let stats = &bounds[format!("b{i}")];
+            // tantivy reports date statistics in nanoseconds.
+            let (Some(min), Some(max)) = (stats["min"].as_f64(), stats["max"].as_f64()) else {
+                continue;
+            };
+            let (min, max) = ((min / 1e6).floor() as i64, (max / 1e6).floor() as i64);
+            let edges = crate::date::calendar_buckets(min, max, &c.unit).ok_or_else(|| {
+                EsError::illegal_argument(format!(
+                    "[date_histogram] [{}] would create more than {} buckets",
+                    c.name,
+                    crate::date::MAX_CALENDAR_BUCKETS
+                ))
+            })?;
+            let ranges: Vec<Value> = edges
+                .windows(2)
+                .map(|w| json!({ "from": w[0] as f64 * 1e6, "to": w[1] as f64 * 1e6 }))
+                .collect();
+            let mut agg = json!({ "range": { "field": c.column, "ranges": ranges } });
+            if let Some(sub) = &c.sub {
+                agg["aggs"] = sub.clone();
+            }
+            self.tantivy_json.insert(c.name.clone(), agg);
+        }
+        self.rebuild()
     }
 
     /// Runs the aggregations over one shard's documents matching `query`. `build` turns a filter's
@@ -436,6 +580,15 @@ impl Plan {
                     }
                     out.insert(name, v);
                 }
+            }
+        }
+        for c in &self.calendars {
+            if let Some(v) = out.get_mut(&c.name) {
+                if let Some(buckets) = v.get_mut("buckets").and_then(Value::as_array_mut) {
+                    buckets.retain(|b| b["doc_count"].as_u64().unwrap_or(0) >= c.min_doc_count);
+                }
+            } else {
+                out.insert(c.name.clone(), json!({ "buckets": [] }));
             }
         }
         for (i, filter) in self.filters.iter().enumerate() {
@@ -659,7 +812,25 @@ fn shape(es: &Value, v: &mut Value) {
             }
         }
     }
-    if es["date"] == json!(true) && kind != "date_histogram" && kind != "histogram" {
+    if kind == "calendar_histogram" {
+        if let Some(buckets) = v.get_mut("buckets").and_then(Value::as_array_mut) {
+            // The open-ended buckets tantivy adds around the ranges hold no documents.
+            buckets.retain(|b| b.get("from").is_some() && b.get("to").is_some());
+            for b in buckets.iter_mut() {
+                let ms = (b["from"].as_f64().unwrap_or(0.0) / 1e6).round() as i64;
+                if let Some(o) = b.as_object_mut() {
+                    for k in ["from", "to", "from_as_string", "to_as_string"] {
+                        o.remove(k);
+                    }
+                }
+                b["key"] = json!(ms);
+                b["key_as_string"] = json!(crate::date::format_millis(ms, es["format"].as_str()));
+            }
+        }
+    }
+    if es["date"] == json!(true)
+        && !matches!(kind, "date_histogram" | "histogram" | "calendar_histogram")
+    {
         date_units(kind, v);
     }
     if kind == "value_count" && v["value"].is_null() {
@@ -730,7 +901,7 @@ mod tests {
                 crate::error::ErrorKind::Parsing,
             ),
             (
-                json!({"x": {"date_histogram": {"field": "at", "calendar_interval": "month"}}}),
+                json!({"x": {"terms": {"field": "tag"}, "aggs": {"m": {"date_histogram": {"field": "at", "calendar_interval": "month"}}}}}),
                 crate::error::ErrorKind::IllegalArgument,
             ),
             (

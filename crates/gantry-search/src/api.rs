@@ -1488,10 +1488,45 @@ fn run_search(
     let mut agg_parts = Vec::new();
     let mappings: Vec<Mapping> = indices.iter().map(|i| i.mapping()).collect();
     req.check_sort(&mappings)?;
-    let plan = match &req.aggs {
+    let mut plan = match &req.aggs {
         Some(aggs) => Some(crate::aggs::Plan::parse(aggs, &mappings)?),
         None => None,
     };
+    // Calendar histograms first need the date range of the matching documents.
+    if let Some(plan) = &mut plan {
+        if let Some(bounds_request) = plan.bounds_request() {
+            let mut parts = Vec::new();
+            for index in indices {
+                let mapping = index.mapping();
+                let Some(first) = index.shards().first() else {
+                    continue;
+                };
+                let analyzer = first
+                    .index()
+                    .tokenizers()
+                    .get("default")
+                    .ok_or_else(|| EsError::internal("default tokenizer missing"))?;
+                let mut ctx = Context {
+                    mapping: &mapping,
+                    fields: first.fields(),
+                    analyzer,
+                    now_ms,
+                };
+                let query = ctx
+                    .build(&req.query)
+                    .map_err(|e| index_error(e, &index.name))?;
+                for shard in index.shards() {
+                    parts.push(crate::aggs::Plan::collect_bounds(
+                        &shard.searcher(),
+                        &*query,
+                        &bounds_request,
+                    )?);
+                }
+            }
+            let bounds = crate::aggs::Plan::merge_bounds(&bounds_request, parts)?;
+            plan.bind(&bounds)?;
+        }
+    }
     for (i, index) in indices.iter().enumerate() {
         let mapping = Arc::new(index.mapping());
         let Some(first) = index.shards().first() else {

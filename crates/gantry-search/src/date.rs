@@ -269,6 +269,37 @@ fn apply_math(mut t: i64, mut math: &str, round_up: bool) -> Option<i64> {
     Some(t)
 }
 
+/// Most buckets a calendar histogram may produce.
+pub const MAX_CALENDAR_BUCKETS: usize = 10_000;
+
+/// The bucket boundaries of a calendar interval (`week`, `month`, `quarter`, `year`, or their
+/// `1w`/`1M`/`1q`/`1y` forms) covering `[min, max]` in UTC: each bucket is `[b[i], b[i+1])`.
+/// `None` for an unknown unit or more than [`MAX_CALENDAR_BUCKETS`] buckets.
+pub fn calendar_buckets(min: i64, max: i64, unit: &str) -> Option<Vec<i64>> {
+    let (step, months) = match unit {
+        "week" | "1w" => ('w', 1),
+        "month" | "1M" => ('M', 1),
+        "quarter" | "1q" => ('M', 3),
+        "year" | "1y" => ('y', 1),
+        _ => return None,
+    };
+    let mut start = round_down(min, step)?;
+    if months == 3 {
+        use chrono::Datelike as _;
+        let month0 = Utc.timestamp_millis_opt(start).single()?.month0();
+        start = add(start, -i64::from(month0 % 3), 'M')?;
+    }
+    let mut bounds = vec![start];
+    while bounds.last().is_some_and(|b| *b <= max) {
+        if bounds.len() > MAX_CALENDAR_BUCKETS {
+            return None;
+        }
+        let next = add(*bounds.last()?, months, step)?;
+        bounds.push(next);
+    }
+    Some(bounds)
+}
+
 fn add(t: i64, n: i64, unit: char) -> Option<i64> {
     let ms = match unit {
         's' => 1000,
@@ -345,6 +376,35 @@ mod tests {
         );
         assert!(check_format("yyyy-MM-dd||epoch_millis").is_ok());
         assert!(check_format("qqq").is_err());
+    }
+
+    #[test]
+    fn calendar_bucket_bounds() {
+        let d = |s: &str| parse(s, None).expect("date");
+        assert_eq!(
+            calendar_buckets(d("2024-01-15"), d("2024-03-01"), "month"),
+            Some(vec![
+                d("2024-01-01"),
+                d("2024-02-01"),
+                d("2024-03-01"),
+                d("2024-04-01")
+            ])
+        );
+        assert_eq!(
+            calendar_buckets(d("2024-05-20"), d("2024-05-20"), "quarter"),
+            Some(vec![d("2024-04-01"), d("2024-07-01")])
+        );
+        // 2024-01-03 is a Wednesday; weeks start on Monday.
+        assert_eq!(
+            calendar_buckets(d("2024-01-03"), d("2024-01-08"), "1w"),
+            Some(vec![d("2024-01-01"), d("2024-01-08"), d("2024-01-15")])
+        );
+        assert_eq!(
+            calendar_buckets(d("2023-06-01"), d("2024-01-01"), "year"),
+            Some(vec![d("2023-01-01"), d("2024-01-01"), d("2025-01-01")])
+        );
+        assert_eq!(calendar_buckets(0, 1, "fortnight"), None);
+        assert_eq!(calendar_buckets(0, i64::MAX / 2, "week"), None);
     }
 
     #[test]
