@@ -22,6 +22,7 @@ mod jobs_cli;
 mod observer_cli;
 mod observer_debug;
 mod observer_dlq;
+mod search;
 
 mod exit {
     pub const OK: u8 = 0;
@@ -71,8 +72,9 @@ enum Command {
     /// Durable job execution.
     #[command(subcommand)]
     Jobs(JobsCommand),
-    /// Elasticsearch-compatible search (not built yet).
-    Search(NotBuilt),
+    /// Elasticsearch-compatible search.
+    #[command(subcommand)]
+    Search(search::SearchCommand),
     /// PostgreSQL change observer.
     #[command(subcommand)]
     Observer(observer_cli::ObserverCommand),
@@ -215,12 +217,6 @@ struct ClientArgs {
     json: bool,
 }
 
-#[derive(Debug, Args)]
-struct NotBuilt {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
-}
-
 const VERSION_LINE: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (commit ",
@@ -283,7 +279,10 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Jobs(command) => jobs_client(command),
-        Command::Search(_) => not_built("search"),
+        Command::Search(search::SearchCommand::Serve(ref args)) => match load_config(&cli) {
+            Ok(config) => run(serve(config, Systems::SearchOnly(args.clone()))),
+            Err(code) => code,
+        },
         Command::Observer(command) => run(async move { Ok(observer_cli::run(command).await) }),
         Command::Fleet(fleet_cli::FleetCommand::Simulate(args)) => {
             run(async move { Ok(fleet_cli::simulate(args).await) })
@@ -378,11 +377,6 @@ fn jobs_client(command: JobsCommand) -> u8 {
     })
 }
 
-fn not_built(system: &str) -> u8 {
-    eprintln!("gantry {system}: this system is not built yet");
-    exit::ERROR
-}
-
 fn config_check(file: &Path) -> u8 {
     match Config::load(Some(file), std::env::vars()) {
         Ok(_) => {
@@ -437,12 +431,14 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> u8 {
 }
 
 /// Which systems a serve command runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Systems {
     /// Every enabled system.
     All,
     /// The jobs server only.
     JobsOnly,
+    /// The search server only.
+    SearchOnly(search::ServeArgs),
 }
 
 async fn serve(config: Config, systems: Systems) -> anyhow::Result<u8> {
@@ -464,6 +460,9 @@ async fn serve(config: Config, systems: Systems) -> anyhow::Result<u8> {
 
     if config.jobs.enabled && matches!(systems, Systems::All | Systems::JobsOnly) {
         jobs::start(&config.jobs, &registry, &readiness, &mut supervisor).await?;
+    }
+    if let Systems::SearchOnly(args) = &systems {
+        search::start(args, &registry, &readiness, &mut supervisor).await?;
     }
 
     let report = supervisor

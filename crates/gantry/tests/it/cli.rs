@@ -1,4 +1,4 @@
-//! Commands that run and exit: version, config, and the systems not built yet.
+//! Commands that run and exit: version, config, and usage errors.
 
 use std::io::Write as _;
 
@@ -110,15 +110,18 @@ fn serve_with_a_bad_config_exits_2_before_starting() {
 }
 
 #[test]
-fn systems_not_built_yet_say_so_and_fail() {
+fn unknown_search_commands_are_usage_errors() {
     let out = gantry()
         .args(["search", "list", "--json"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty(), "search printed output");
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr, "gantry search: this system is not built yet\n");
+    assert!(
+        stderr.contains("unrecognized subcommand 'list'"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod fleet_ssh;
 mod jobs;
 mod observer;
 mod observer_actions;
+mod search;
 mod serve;
 
 use std::process::Command;
