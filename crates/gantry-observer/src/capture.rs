@@ -168,6 +168,22 @@ impl Capture {
 
     /// Reads the changes after `from`, at most `limit`, and the position after them. Empty when
     /// every finished transaction's changes are delivered.
+    /// Whether committed changes wait beyond `at`'s cut: their transactions committed after the
+    /// cut was taken, or while an older transaction (anywhere in the cluster) still runs, so
+    /// the next [`Capture::read`] may take them as soon as that one ends. A leader that sees
+    /// this reads again soon rather than at its next poll: the NOTIFY that announced them has
+    /// been spent.
+    pub async fn held_back(&self, client: &Client, at: Position) -> Result<bool, Error> {
+        let s = &self.schema;
+        Ok(client
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {s}.changes WHERE xid >= $1::text::xid8)"),
+                &[&at.hi.to_string()],
+            )
+            .await?
+            .get(0))
+    }
+
     pub async fn read(
         &self,
         client: &mut Client,

@@ -178,6 +178,8 @@ async fn lead(
     let mut position = held.position;
     let mut last_prune = tokio::time::Instant::now();
     let mut last_lag: Option<tokio::time::Instant> = None;
+    // The pause before reading again while committed changes are held back behind the cut.
+    let mut recheck = RECHECK_FIRST;
     loop {
         if stop.is_cancelled() {
             return Ok(());
@@ -225,11 +227,23 @@ async fn lead(
             last_prune = tokio::time::Instant::now();
         }
         if !full {
+            let pause = if capture.held_back(client, position).await? {
+                let pause = recheck.min(options.poll);
+                recheck = (recheck * 2).min(RECHECK_MAX);
+                pause
+            } else {
+                recheck = RECHECK_FIRST;
+                options.poll
+            };
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 () = wake.notified() => {}
-                () = tokio::time::sleep(options.poll) => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
     }
 }
+
+/// First and longest pause before reading again while changes are held back behind the cut.
+const RECHECK_FIRST: Duration = Duration::from_millis(20);
+const RECHECK_MAX: Duration = Duration::from_millis(500);

@@ -314,3 +314,69 @@ async fn run_wakes_on_notify_without_waiting_for_its_poll() {
     ))
     .await;
 }
+
+#[tokio::test]
+async fn changes_held_back_by_an_older_transaction_arrive_once_it_ends() {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let schema = format!("gantry_obs_held_{tag}");
+    let jobs_schema = format!("gantry_jobs_held_{tag}");
+    let table = format!("obs_held_{tag}");
+    exec(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)")).await;
+    let dir = temp_dir("observer-held");
+    let config = dir.join("observers.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[observers]]\nname = \"any\"\nentity = \"{table}\"\n\
+             retry = {{ max_attempts = 1 }}\n\
+             [[observers.actions]]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n"
+        ),
+    )
+    .unwrap();
+    let url = database_url();
+    let cfg = config.to_str().unwrap();
+    let out = observer(&[
+        "install",
+        "--database",
+        &url,
+        "--config",
+        cfg,
+        "--schema",
+        &schema,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let listener = Listener::start(&[
+        "--database",
+        &url,
+        "--config",
+        cfg,
+        "--schema",
+        &schema,
+        "--jobs-schema",
+        &jobs_schema,
+        "--poll",
+        "60s",
+    ]);
+    listener.wait_for("leader of observer set main");
+    // An older transaction with an id holds the capture's horizon: rows committed after it
+    // started cannot be delivered before it ends (it could still commit rows below them).
+    let (blocker, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    blocker
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
+    exec(&format!("INSERT INTO {table} VALUES (1), (2), (3)")).await;
+    // The insert's NOTIFY is spent on rows held back; once the blocker ends, they must come
+    // without waiting for the 60 s poll (`wait_for` gives up after 30 s).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    listener.wait_for("handed over 3 change(s): 3 job(s)");
+    drop(listener);
+    let out = observer(&["uninstall", "--database", &url, "--schema", &schema]);
+    assert_eq!(out.status.code(), Some(0));
+    exec(&format!(
+        "DROP TABLE {table}; DROP SCHEMA \"{jobs_schema}\" CASCADE"
+    ))
+    .await;
+}
