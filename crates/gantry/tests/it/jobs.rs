@@ -351,9 +351,12 @@ fn two_servers_on_one_postgres_never_run_a_job_twice() {
     let ledger: Ledger = Arc::default();
     rt.block_on(async {
         let mut workers = Vec::new();
+        // Workers whose stream is open: jobs are enqueued only once all four are.
+        let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for w in 0..4 {
             let addr = addrs[w % 2];
             let ledger = Arc::clone(&ledger);
+            let connected = Arc::clone(&connected);
             workers.push(tokio::spawn(async move {
                 let mut client = ReseolioClient::connect(format!("http://{addr}"))
                     .await
@@ -371,6 +374,7 @@ fn two_servers_on_one_postgres_never_run_a_job_twice() {
                     .await
                     .unwrap()
                     .into_inner();
+                connected.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut acks = tokio::task::JoinSet::new();
                 while let Some(Ok(job)) = jobs.next().await {
                     let mut client = client.clone();
@@ -403,10 +407,20 @@ fn two_servers_on_one_postgres_never_run_a_job_twice() {
                 drop(tx);
             }));
         }
-        let mut jobs_client = JobsClient::connect(format!("http://{}", addrs[0]))
-            .await
-            .unwrap();
+        let wait = std::time::Instant::now() + Duration::from_secs(30);
+        while connected.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+            assert!(std::time::Instant::now() < wait, "workers did not connect");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut clients = Vec::new();
+        for addr in addrs {
+            clients.push(JobsClient::connect(format!("http://{addr}")).await.unwrap());
+        }
+        // Each chunk is enqueued through a different server than the one before: a server
+        // hands out what is enqueued through it at once, and finds the other's on its next
+        // poll, so both hand out work whatever the timing.
         for chunk in 0..3 {
+            let jobs_client = &mut clients[chunk % 2];
             let batch = (0..JOBS / 3)
                 .map(|i| proto::EnqueueRequest {
                     name: "n".into(),
@@ -421,7 +435,7 @@ fn two_servers_on_one_postgres_never_run_a_job_twice() {
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let stats = jobs_client
+            let stats = clients[0]
                 .stats(v1::StatsRequest {})
                 .await
                 .unwrap()
