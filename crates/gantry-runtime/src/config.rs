@@ -65,6 +65,14 @@ retention = "7d"
 # listed here are unlimited. For example:
 # emails = 5
 
+[search]
+# Run the Elasticsearch-compatible search server in `gantry serve`.
+enabled = true
+# HTTP address of the search server (Elasticsearch clients default to port 9200).
+listen = "127.0.0.1:9200"
+# Where indices keep their metadata, tantivy segments and translogs (created if missing).
+data = "gantry-data/search"
+
 [shutdown]
 # After SIGINT or SIGTERM, running components drain in order (last started, first stopped).
 # If the drain takes longer than this, the process exits anyway with status 1.
@@ -88,6 +96,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The jobs server.
     pub jobs: JobsConfig,
+    /// The search server.
+    pub search: SearchConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
 }
@@ -123,6 +133,28 @@ impl Default for JobsConfig {
             sync: SyncMode::Full,
             retention: Duration::from_secs(7 * 24 * 3600),
             queues: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// `[search]`: the Elasticsearch-compatible search server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchConfig {
+    /// Whether `gantry serve` runs it.
+    pub enabled: bool,
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data: std::path::PathBuf,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9200)),
+            data: "gantry-data/search".into(),
         }
     }
 }

@@ -464,8 +464,18 @@ async fn serve(config: Config, systems: Systems) -> anyhow::Result<u8> {
     if config.jobs.enabled && matches!(systems, Systems::All | Systems::JobsOnly) {
         jobs::start(&config.jobs, &registry, &readiness, &mut supervisor).await?;
     }
-    if let Systems::SearchOnly(args) = &systems {
-        search::start(args, &registry, &readiness, &mut supervisor).await?;
+    match &systems {
+        Systems::SearchOnly(args) => {
+            search::start(args, &registry, &readiness, &mut supervisor).await?;
+        }
+        Systems::All if config.search.enabled => {
+            let args = search::ServeArgs {
+                listen: config.search.listen,
+                data: config.search.data.clone(),
+            };
+            search::start(&args, &registry, &readiness, &mut supervisor).await?;
+        }
+        _ => {}
     }
 
     let report = supervisor

@@ -19,6 +19,8 @@ pub struct Served {
     pub jobs: Option<SocketAddr>,
     /// The jobs server's address, when it runs on PostgreSQL.
     pub jobs_pg: Option<SocketAddr>,
+    /// The search server's address, when it runs.
+    pub search: Option<SocketAddr>,
     /// The log lines, as they arrive.
     logs: mpsc::Receiver<String>,
 }
@@ -27,18 +29,22 @@ impl Served {
     fn start(envs: &[(&str, &str)]) -> Self {
         let dir = crate::temp_dir("serve");
         let db = dir.join("jobs.db");
+        let search = dir.join("search");
         let mut all = vec![
             ("GANTRY_JOBS_LISTEN", "127.0.0.1:0"),
             ("GANTRY_JOBS_DATABASE", db.to_str().unwrap()),
+            ("GANTRY_SEARCH_LISTEN", "127.0.0.1:0"),
+            ("GANTRY_SEARCH_DATA", search.to_str().unwrap()),
         ];
         all.extend_from_slice(envs);
-        let jobs_off = envs.contains(&("GANTRY_JOBS_ENABLED", "false"));
-        let listening: &[&str] = if jobs_off {
-            &["admin server listening"]
-        } else {
-            &["admin server listening", "jobs server listening"]
-        };
-        Self::start_with(&["serve"], &all, listening)
+        let mut listening = vec!["admin server listening"];
+        if !envs.contains(&("GANTRY_JOBS_ENABLED", "false")) {
+            listening.push("jobs server listening");
+        }
+        if !envs.contains(&("GANTRY_SEARCH_ENABLED", "false")) {
+            listening.push("search server listening");
+        }
+        Self::start_with(&["serve"], &all, &listening)
     }
 
     /// Runs `gantry --log-format json ARGS` and waits for each of the `listening` log messages.
@@ -85,6 +91,7 @@ impl Served {
             admin: found["admin server listening"],
             jobs: found.get("jobs server listening").copied(),
             jobs_pg: found.get("jobs server listening (PostgreSQL)").copied(),
+            search: found.get("search server listening").copied(),
             logs,
         }
     }
@@ -150,7 +157,16 @@ fn serve_answers_admin_endpoints_and_exits_0_on_sigterm() {
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["subsystems"]["jobs"]["ready"], true);
+    assert_eq!(ready["subsystems"]["search"]["ready"], true);
     assert!(served.jobs.is_some());
+    // The search server answers as Elasticsearch does.
+    let search = served.search.expect("search server listening");
+    let (status, _, body) = get(search, "/");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["tagline"],
+        "You Know, for Search"
+    );
 
     let (status, content_type, body) = get(served.admin, "/metrics");
     assert_eq!(status, 200);
@@ -162,6 +178,7 @@ fn serve_answers_admin_endpoints_and_exits_0_on_sigterm() {
         "process_start_time_seconds",
         "gantry_build_info",
         "gantry_jobs_queue_depth",
+        "gantry_search_requests_total",
     ] {
         assert!(body.contains(&format!("\n{name}")), "{name} missing");
     }
@@ -232,6 +249,7 @@ fn serve_fails_clearly_when_the_admin_port_is_taken() {
         .arg("serve")
         .env("GANTRY_ADMIN_LISTEN", &addr)
         .env("GANTRY_JOBS_ENABLED", "false")
+        .env("GANTRY_SEARCH_ENABLED", "false")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
