@@ -309,3 +309,50 @@ async fn acknowledged_documents_survive_sigkill() {
     assert_eq!(next["_version"], 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Where `scripts/test` installs the official Python clients: one virtual environment each.
+fn client_venvs() -> std::path::PathBuf {
+    std::env::var_os("GANTRY_TEST_PYTHON_CLIENTS").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/python-clients"),
+        Into::into,
+    )
+}
+
+#[test]
+fn official_python_clients_work_unmodified() {
+    let venvs = client_venvs();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../gantry-search/tests/clients/official_clients.py");
+    let clients = [
+        ("elasticsearch8", "elasticsearch"),
+        ("elasticsearch9", "elasticsearch"),
+        ("opensearch", "opensearch"),
+    ];
+    for (venv, _) in clients {
+        let python = venvs.join(venv).join("bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: ./scripts/test installs the official clients there \
+             (or point GANTRY_TEST_PYTHON_CLIENTS at virtual environments named {:?})",
+            python.display(),
+            clients.map(|c| c.0)
+        );
+    }
+    let dir = crate::temp_dir("search-clients");
+    let server = SearchServer::start(&dir.join("data"));
+    for (venv, flavor) in clients {
+        let out = std::process::Command::new(venvs.join(venv).join("bin/python"))
+            .arg(&script)
+            .arg(flavor)
+            .arg(server.url(""))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{venv}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("every step passed"));
+    }
+}
