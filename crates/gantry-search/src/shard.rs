@@ -46,8 +46,10 @@ pub const PRIMARY_TERM: u64 = 1;
 const QUEUE: usize = 256;
 /// Translog size that forces a commit (ES's `flush_threshold_size`).
 const MAX_TRANSLOG: u64 = 512 * 1024 * 1024;
+/// Indexing threads of a shard's tantivy writer (each takes its share of the memory budget).
+const WRITER_THREADS: usize = 2;
 /// Memory budget of a shard's tantivy writer.
-const WRITER_MEMORY: usize = 64 * 1024 * 1024;
+const WRITER_MEMORY: usize = 128 * 1024 * 1024;
 
 /// The shard's fixed tantivy schema. Mapped fields live inside two JSON fields keyed by their
 /// full dotted path, so dynamic mapping never needs a schema change: `text` holds analysed text
@@ -461,7 +463,7 @@ impl Shard {
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
             .try_into()?;
-        let writer: IndexWriter = index.writer_with_num_threads(1, WRITER_MEMORY)?;
+        let writer: IndexWriter = index.writer_with_num_threads(WRITER_THREADS, WRITER_MEMORY)?;
         let committed_seq_no = index
             .load_metas()?
             .payload
@@ -945,7 +947,12 @@ impl Worker {
             Some(p) if !p.deleted => WriteResult::Updated,
             _ => WriteResult::Created,
         };
-        self.writer.delete_term(fields.id_term(&id));
+        // Only a live document has something to replace: a delete of an id the shard never held
+        // would cost a term lookup in every segment at the next commit (the id map holds every
+        // document of the shard, so `prior` says).
+        if prior.as_ref().is_some_and(|p| !p.deleted) {
+            self.writer.delete_term(fields.id_term(&id));
+        }
         self.writer
             .add_document(fields.document(&id, &source, seq_no, version, parsed))?;
         state.next_seq_no += 1;
