@@ -1,7 +1,7 @@
 //! The search system's Prometheus metrics (`gantry_search_*`), registered on the process registry.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -20,6 +20,13 @@ pub struct SearchMetrics {
     /// `gantry_search_refresh_duration_seconds`: every shard refresh (tantivy commit + reader
     /// reload), periodic or requested.
     pub refresh_seconds: Histogram,
+    /// `gantry_search_index_documents{index,kind}`: live (`kind="live"`) and deleted documents
+    /// not yet merged away (`kind="deleted"`), as of the last refresh.
+    pub index_documents: IntGaugeVec,
+    /// `gantry_search_index_segments{index}`: searchable segments over the index's shards.
+    pub index_segments: IntGaugeVec,
+    /// `gantry_search_index_size_bytes{index}`: the index's files on disk (segments and translogs).
+    pub index_size_bytes: IntGaugeVec,
 }
 
 impl SearchMetrics {
@@ -55,12 +62,68 @@ impl SearchMetrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(refresh_seconds.clone()))?;
+        let index_documents = IntGaugeVec::new(
+            Opts::new(
+                "gantry_search_index_documents",
+                "Documents per index as of its last refresh: live, or deleted and not merged away.",
+            ),
+            &["index", "kind"],
+        )?;
+        registry.register(Box::new(index_documents.clone()))?;
+        let index_segments = IntGaugeVec::new(
+            Opts::new(
+                "gantry_search_index_segments",
+                "Searchable segments per index, over its shards.",
+            ),
+            &["index"],
+        )?;
+        registry.register(Box::new(index_segments.clone()))?;
+        let index_size_bytes = IntGaugeVec::new(
+            Opts::new(
+                "gantry_search_index_size_bytes",
+                "Size of an index's files on disk (segments and translogs).",
+            ),
+            &["index"],
+        )?;
+        registry.register(Box::new(index_size_bytes.clone()))?;
         Ok(Self {
             requests,
             request_seconds,
             documents_indexed,
             refresh_seconds,
+            index_documents,
+            index_segments,
+            index_size_bytes,
         })
+    }
+
+    /// Sets the per-index gauges from `node`'s indices (blocking: it reads directory sizes);
+    /// indices deleted since the last call disappear.
+    pub fn record_indices(&self, node: &crate::node::Node) {
+        self.index_documents.reset();
+        self.index_segments.reset();
+        self.index_size_bytes.reset();
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for index in node.all() {
+            let name = index.name.as_str();
+            self.index_documents
+                .with_label_values(&[name, "live"])
+                .set(n(index.doc_count()));
+            self.index_documents
+                .with_label_values(&[name, "deleted"])
+                .set(n(index.deleted_count()));
+            let segments: usize = index
+                .shards()
+                .iter()
+                .map(|s| s.searcher().segment_readers().len())
+                .sum();
+            self.index_segments
+                .with_label_values(&[name])
+                .set(i64::try_from(segments).unwrap_or(i64::MAX));
+            self.index_size_bytes
+                .with_label_values(&[name])
+                .set(n(index.size_in_bytes()));
+        }
     }
 
     /// Metrics on a private registry (tests, embedded use).

@@ -56,6 +56,7 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot bind the search server to {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let (stats_node, stats_metrics) = (node.clone(), metrics.clone());
     let state = AppState {
         node: node.clone(),
         metrics,
@@ -66,6 +67,21 @@ pub async fn start(
         let _ = tokio::task::spawn_blocking(move || node.close()).await;
         served
     });
+    // Per-index gauges (documents, segments, size on disk), every 5 s. Started after the
+    // server, so it stops first (the supervisor stops the last started first).
+    {
+        let (node, metrics) = (stats_node, stats_metrics);
+        supervisor.spawn("search-stats", move |stop| async move {
+            loop {
+                let (node, metrics) = (node.clone(), metrics.clone());
+                let _ = tokio::task::spawn_blocking(move || metrics.record_indices(&node)).await;
+                tokio::select! {
+                    () = stop.cancelled() => return Ok::<(), std::convert::Infallible>(()),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
     tracing::info!(%addr, data = %args.data.display(), "search server listening");
     ready.set_ready();
     Ok(())

@@ -207,6 +207,31 @@ async fn acknowledged_documents_survive_sigkill() {
     assert!(metrics.contains("gantry_search_request_duration_seconds_bucket"));
     // Shard refresh durations are exported too.
     assert!(metrics.contains("gantry_search_refresh_duration_seconds_count"));
+    // Per-index gauges, refreshed every 5 s: documents, segments and size on disk.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = client
+            .get(format!("http://{}/metrics", server.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let size = metrics
+            .lines()
+            .find(|l| l.starts_with(r#"gantry_search_index_size_bytes{index="auto"}"#))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        if size.is_some_and(|s| s > 0)
+            && metrics.contains(r#"gantry_search_index_documents{index="auto",kind="live"}"#)
+            && metrics.contains(r#"gantry_search_index_segments{index="auto"}"#)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no per-index gauges: {metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Writes still in flight when the process dies: their outcome is unknown, never checked.
     let in_flight_client = client.clone();
