@@ -729,23 +729,7 @@ async fn serve_inner(args: ServeArgs) -> Result<(), Failure> {
             }
         })
     };
-    let signals = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = async {
-                    match term.as_mut() {
-                        Some(t) => { t.recv().await; }
-                        None => std::future::pending().await,
-                    }
-                } => {}
-            }
-            stop.cancel();
-        })
-    };
+    let signals = crate::cancel_on_signal(stop.clone());
     let served = serve_api(listener, std::sync::Arc::clone(&state), stop.clone()).await;
     stop.cancel();
     // Running rollouts stop where they are; their trail says where, and a restart continues.

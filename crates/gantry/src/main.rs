@@ -385,6 +385,27 @@ fn jobs_client(command: JobsCommand) -> u8 {
     })
 }
 
+/// Cancels `stop` on the first SIGINT or SIGTERM (for the commands that run until stopped
+/// outside the supervisor: `observer run`, `fleet serve`).
+pub(crate) fn cancel_on_signal(
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        stop.cancel();
+    })
+}
+
 fn config_check(file: &Path) -> u8 {
     match Config::load(Some(file), std::env::vars()) {
         Ok(_) => {

@@ -396,23 +396,7 @@ async fn run_listener(
             )))
         }
     };
-    let signals = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = async {
-                    match term.as_mut() {
-                        Some(t) => { t.recv().await; }
-                        None => std::future::pending().await,
-                    }
-                } => {}
-            }
-            stop.cancel();
-        })
-    };
+    let signals = crate::cancel_on_signal(stop.clone());
     // Every listener works, leader or standby: the store spreads the action jobs.
     let process = format!("observer-{}", std::process::id());
     let breakers = tokio::spawn(report_breakers(
