@@ -1473,6 +1473,32 @@ fn merge_params(mut body: Value, params: &HashMap<String, String>) -> Result<Val
     Ok(body)
 }
 
+/// The analyzer of text fields in `index` (tantivy's default).
+fn default_analyzer(index: &tantivy::Index) -> Result<tantivy::tokenizer::TextAnalyzer, EsError> {
+    index
+        .tokenizers()
+        .get("default")
+        .ok_or_else(|| EsError::internal("default tokenizer missing"))
+}
+
+/// The context queries on `index` are built in: `mapping` (the index's), its first shard's
+/// schema and analyzer; `None` for an index without shards.
+fn query_context<'a>(
+    index: &IndexHandle,
+    mapping: &'a Mapping,
+    now_ms: i64,
+) -> Result<Option<Context<'a>>, EsError> {
+    let Some(first) = index.shards().first() else {
+        return Ok(None);
+    };
+    Ok(Some(Context {
+        mapping,
+        fields: first.fields(),
+        analyzer: default_analyzer(first.index())?,
+        now_ms,
+    }))
+}
+
 /// Runs a search over `indices`. Blocking.
 fn run_search(
     indices: &[Arc<IndexHandle>],
@@ -1498,19 +1524,8 @@ fn run_search(
             let mut parts = Vec::new();
             for index in indices {
                 let mapping = index.mapping();
-                let Some(first) = index.shards().first() else {
+                let Some(mut ctx) = query_context(index, &mapping, now_ms)? else {
                     continue;
-                };
-                let analyzer = first
-                    .index()
-                    .tokenizers()
-                    .get("default")
-                    .ok_or_else(|| EsError::internal("default tokenizer missing"))?;
-                let mut ctx = Context {
-                    mapping: &mapping,
-                    fields: first.fields(),
-                    analyzer,
-                    now_ms,
                 };
                 let query = ctx
                     .build(&req.query)
@@ -1529,19 +1544,8 @@ fn run_search(
     }
     for (i, index) in indices.iter().enumerate() {
         let mapping = Arc::new(index.mapping());
-        let Some(first) = index.shards().first() else {
+        let Some(mut ctx) = query_context(index, &mapping, now_ms)? else {
             continue;
-        };
-        let analyzer = first
-            .index()
-            .tokenizers()
-            .get("default")
-            .ok_or_else(|| EsError::internal("default tokenizer missing"))?;
-        let mut ctx = Context {
-            mapping: &mapping,
-            fields: first.fields(),
-            analyzer,
-            now_ms,
         };
         let query = ctx
             .build(&req.query)
@@ -1606,11 +1610,7 @@ fn run_search(
         if let Some(highlight) = &req.highlight {
             let stored = crate::shard::stored_doc(&doc, &fields);
             let source: Value = serde_json::from_str(&stored.source).unwrap_or(Value::Null);
-            let mut analyzer = index.shards()[hit.origin.1]
-                .index()
-                .tokenizers()
-                .get("default")
-                .ok_or_else(|| EsError::internal("default tokenizer missing"))?;
+            let mut analyzer = default_analyzer(index.shards()[hit.origin.1].index())?;
             if let Some(marked) =
                 highlight.apply(&req.query, &index.mapping(), &mut analyzer, &source)
             {
@@ -1754,19 +1754,8 @@ async fn count_impl(state: &AppState, target: Option<String>, body: Bytes) -> Ap
         let mut shards = 0;
         for index in &indices {
             let mapping = index.mapping();
-            let Some(first) = index.shards().first() else {
+            let Some(mut ctx) = query_context(index, &mapping, now_ms)? else {
                 continue;
-            };
-            let analyzer = first
-                .index()
-                .tokenizers()
-                .get("default")
-                .ok_or_else(|| EsError::internal("default tokenizer missing"))?;
-            let mut ctx = Context {
-                mapping: &mapping,
-                fields: first.fields(),
-                analyzer,
-                now_ms,
             };
             let q = ctx.build(&query).map_err(|e| index_error(e, &index.name))?;
             for shard in index.shards() {
@@ -1877,19 +1866,8 @@ async fn delete_by_query(
         let mut out: Vec<(usize, usize, Vec<String>)> = Vec::new();
         for (i, index) in targets.iter().enumerate() {
             let mapping = index.mapping();
-            let Some(first) = index.shards().first() else {
+            let Some(mut ctx) = query_context(index, &mapping, now_ms)? else {
                 continue;
-            };
-            let analyzer = first
-                .index()
-                .tokenizers()
-                .get("default")
-                .ok_or_else(|| EsError::internal("default tokenizer missing"))?;
-            let mut ctx = Context {
-                mapping: &mapping,
-                fields: first.fields(),
-                analyzer,
-                now_ms,
             };
             let query = ctx.build(&q).map_err(|e| index_error(e, &index.name))?;
             for (s, shard) in index.shards().iter().enumerate() {
