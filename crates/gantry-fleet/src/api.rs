@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::metrics::FleetMetrics;
-use crate::orchestrator::{RolloutSpec, Rollouts};
+use crate::orchestrator::{Claimed, RolloutSpec, Rollouts};
 use crate::registry::{Device, FilterSpec, Format, Registry, RegistryError, now_ms, parse_time};
 use crate::window::WindowSpec;
 
@@ -93,61 +93,37 @@ impl ApiState {
         }
         let db = self.db.clone();
         let metrics = self.metrics.clone();
-        let mut rollouts = blocking(move || {
-            let r = Rollouts::open(&db)?;
-            Ok(match metrics {
-                Some(m) => r.with_metrics(m),
-                None => r,
-            })
+        let wanted = id.to_owned();
+        // The claim is taken here, so a rollout run elsewhere is refused to the caller (409).
+        let (mut rollouts, claimed) = blocking(move || {
+            let mut r = Rollouts::open(&db)?;
+            if let Some(m) = metrics {
+                r = r.with_metrics(m);
+            }
+            let claimed = r.claim_run(&wanted)?;
+            Ok((r, claimed))
         })
         .await?;
-        let info = blocking({
-            let db = self.db.clone();
-            let id = id.to_owned();
-            move || Rollouts::open(&db)?.info(&id)
-        })
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?;
-        if info.phase == "completed" || info.phase == "aborted" {
-            return Err(ApiError::conflict(format!(
-                "rollout {id} is {}; nothing to start",
-                info.phase
-            )));
-        }
-        // The claim is taken in the task; a refusal shows in its log and the rollout's status.
-        let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
+        let claim = match claimed {
+            Claimed::Run(claim) => claim,
+            Claimed::Finished(info) => {
+                return Err(ApiError::conflict(format!(
+                    "rollout {id} is {}; nothing to start",
+                    info.phase
+                )));
+            }
+        };
         let task_id = id.to_owned();
         let handle = tokio::spawn(async move {
-            let mut claimed = Some(claimed_tx);
-            let result = rollouts
-                .run(&task_id, |_| {
-                    if let Some(tx) = claimed.take() {
-                        let _ = tx.send(Ok(()));
-                    }
-                })
-                .await;
-            match result {
+            match rollouts.run_claim(claim, |_| {}).await {
                 Ok(info) => {
-                    if let Some(tx) = claimed.take() {
-                        let _ = tx.send(Ok(()));
-                    }
                     tracing::info!(rollout = task_id, phase = info.phase, "rollout stopped");
                 }
-                Err(e) => {
-                    tracing::warn!(rollout = task_id, error = %e, "rollout failed");
-                    if let Some(tx) = claimed.take() {
-                        let _ = tx.send(Err(e));
-                    }
-                }
+                Err(e) => tracing::warn!(rollout = task_id, error = %e, "rollout failed"),
             }
         });
         self.lock_running().insert(id.to_owned(), handle);
-        // Report a refused claim (another orchestrator) to the caller; anything slower than
-        // the first outcome is reported through status and events.
-        match tokio::time::timeout(Duration::from_millis(300), claimed_rx).await {
-            Ok(Ok(Err(e))) => Err(e.into()),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     fn lock_running(

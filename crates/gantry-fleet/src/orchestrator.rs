@@ -159,6 +159,21 @@ pub struct Rollouts {
     metrics: Option<std::sync::Arc<FleetMetrics>>,
 }
 
+/// What [`Rollouts::claim_run`] found.
+pub enum Claimed {
+    /// The rollout had completed or aborted: its state.
+    Finished(RolloutInfo),
+    /// The rollout is this value's to run.
+    Run(Claim),
+}
+
+/// A claim on a rollout, held until [`Rollouts::run_claim`] ends.
+pub struct Claim {
+    id: String,
+    me: String,
+    info: RolloutInfo,
+}
+
 /// How long a runner's claim on a rollout lasts without renewal.
 const LEASE: Duration = Duration::from_secs(15);
 /// How often a dynamic rollout looks for devices to take in.
@@ -529,16 +544,40 @@ impl Rollouts {
         id: &str,
         progress: impl FnMut(&RolloutInfo),
     ) -> Result<RolloutInfo, RegistryError> {
+        match self.claim_run(id)? {
+            Claimed::Finished(info) => Ok(info),
+            Claimed::Run(claim) => self.run_claim(claim, progress).await,
+        }
+    }
+
+    /// Claims `id` for running by this value (refused with [`RegistryError::Busy`] while
+    /// another live orchestrator holds it); a finished rollout needs no claim.
+    pub fn claim_run(&mut self, id: &str) -> Result<Claimed, RegistryError> {
         let info = self
             .info(id)?
             .ok_or_else(|| RegistryError::Invalid(format!("no rollout {id}")))?;
         if info.phase == "completed" || info.phase == "aborted" {
-            return Ok(info);
+            return Ok(Claimed::Finished(info));
         }
         let me = format!("{}:{}", std::process::id(), uuid_like());
         self.claim(id, &me)?;
-        let result = self.run_claimed(id, &me, info, progress).await;
-        self.release(id, &me);
+        Ok(Claimed::Run(Claim {
+            id: id.to_owned(),
+            me,
+            info,
+        }))
+    }
+
+    /// Runs a rollout claimed by [`Rollouts::claim_run`] as [`Rollouts::run`] does, then
+    /// releases the claim.
+    pub async fn run_claim(
+        &mut self,
+        claim: Claim,
+        progress: impl FnMut(&RolloutInfo),
+    ) -> Result<RolloutInfo, RegistryError> {
+        let Claim { id, me, info } = claim;
+        let result = self.run_claimed(&id, &me, info, progress).await;
+        self.release(&id, &me);
         result
     }
 

@@ -699,6 +699,16 @@ impl Sim {
         }
     }
 
+    /// Imports its registry file into the registry at `db`.
+    pub(crate) fn import_into(&self, db: &str) {
+        let out = gantry()
+            .args(["fleet", "devices", "import", "--db", db])
+            .arg(&self.csv)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
     /// Stops it; returns how many updates its devices applied.
     pub(crate) fn stop(mut self) -> u64 {
         nix::sys::signal::kill(
@@ -783,18 +793,7 @@ fn a_rollout_records_failures_and_a_failing_canary_aborts_it() {
             pubkey.to_str().unwrap(),
         ],
     );
-    assert!(
-        run(&[
-            "fleet",
-            "devices",
-            "import",
-            "--db",
-            &db,
-            good.csv.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    good.import_into(&db);
     let out = run(&[
         "fleet",
         "rollout",
@@ -934,18 +933,7 @@ fn a_rollout_pauses_resumes_and_survives_sigkill_without_pushing_twice() {
     let run = |args: &[&str]| gantry().args(args).output().unwrap();
     // Slow devices, so the runner can be stopped mid-wave.
     let sim = Sim::start(&dir, "slow", &["--devices", "30", "--latency", "150ms"]);
-    assert!(
-        run(&[
-            "fleet",
-            "devices",
-            "import",
-            "--db",
-            &db,
-            sim.csv.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    sim.import_into(&db);
     let created = json_of(&run(&[
         "fleet",
         "rollout",
@@ -1045,18 +1033,7 @@ fn rollouts_wait_for_their_start_time_and_maintenance_window() {
     let db = fleet_with_artifact(&dir);
     let run = |args: &[&str]| gantry().args(args).output().unwrap();
     let sim = Sim::start(&dir, "win", &["--devices", "4"]);
-    assert!(
-        run(&[
-            "fleet",
-            "devices",
-            "import",
-            "--db",
-            &db,
-            sim.csv.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    sim.import_into(&db);
     let create = |extra: &[&str]| {
         let mut args = vec![
             "fleet",
@@ -1252,18 +1229,7 @@ fn a_thousand_device_rollout_with_five_percent_failing_records_and_retries_as_co
             pubkey.to_str().unwrap(),
         ],
     );
-    assert!(
-        run(&[
-            "fleet",
-            "devices",
-            "import",
-            "--db",
-            &db,
-            sim.csv.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    sim.import_into(&db);
     let created = json_of(&run(&[
         "fleet",
         "rollout",

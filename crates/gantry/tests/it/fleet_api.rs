@@ -421,18 +421,7 @@ async fn a_server_sigkilled_mid_rollout_continues_it_and_keeps_a_second_runner_o
     let db = fleet_with_artifact(&dir);
     let sim = Sim::start(&dir, "slow", &["--devices", "12", "--latency", "100ms"]);
     let run = |args: &[&str]| gantry().args(args).output().unwrap();
-    assert!(
-        run(&[
-            "fleet",
-            "devices",
-            "import",
-            "--db",
-            &db,
-            sim.csv.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    sim.import_into(&db);
     let server = Server::start(&dir, &db);
     let client = reqwest::Client::new();
     let (status, created) = call(
